@@ -1,0 +1,173 @@
+"""Shared machinery of the natural-gradient optimizers.
+
+Conventions (every optimizer in :mod:`pyvarinf2.optim` follows them):
+
+* The first argument is the :class:`~pyvarinf2.VariationalModel`; the optimizer's parameters are
+  the posterior means (the wrapped model's parameters that have a posterior). The posterior
+  scales live on the model: after every step the optimizer writes them there
+  (:meth:`MeanFieldPosterior.set_stddev`), so the model alone samples, predicts and saves.
+* ``dataset_size`` N is given once; the user's loss is the plain mean NLL of the minibatch and
+  the prior is the optimizer's business, weighted by ``kl_weight`` λ (1 = the ELBO).
+* Priors: a Gaussian prior enters exactly through its precision (the intrinsic damping). Any
+  other prior enters through the gradient of its log density at the sampled weights, and its
+  moment-matched precision ``1/Var_p[θ]`` is used in the curvature (an approximation, see
+  :meth:`~pyvarinf2.priors.Prior.damping_precision`).
+* ``step()`` without a closure uses the gradients of the last backward and the weights drawn in
+  the last forward; ``step(closure)`` calls the closure ``mc_samples`` times (each call must
+  zero the gradients, run forward and backward, and return the loss) and averages.
+* Hyper-parameters are validated in ``__init__`` (``ValueError`` naming the argument and the
+  value); ``param_groups`` work with ``torch.optim.lr_scheduler``; ``state_dict()`` /
+  ``load_state_dict()`` hold everything, so a run resumed with the same RNG state continues
+  bit-identically.
+* A step that would make any mean or scale non-finite raises :class:`NonFiniteError` and leaves
+  the model and the optimizer state untouched.
+"""
+import math
+import numbers
+
+import torch
+
+from ..posteriors import MeanFieldPosterior
+from ..variational import VariationalModel
+
+__all__ = ["NonFiniteError", "VariationalOptimizer", "check_positive", "check_nonnegative",
+           "check_beta", "check_positive_int"]
+
+
+class NonFiniteError(FloatingPointError):
+    """A step would have made a mean or scale non-finite; nothing was changed."""
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_positive(name, value):
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
+def check_nonnegative(name, value):
+    if not _is_real(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def check_beta(name, value):
+    if not _is_real(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return value
+
+
+def check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+class VariationalOptimizer(torch.optim.Optimizer):
+    """Base class: binds a variational model's mean-field posteriors to optimizer state."""
+
+    def __init__(self, var_model, defaults, dataset_size, kl_weight=1.0, mc_samples=1):
+        if not isinstance(var_model, VariationalModel):
+            raise TypeError("var_model must be a VariationalModel (from pyvarinf2.variationalize), "
+                            f"got {type(var_model).__name__}")
+        check_positive_int("dataset_size", dataset_size)
+        check_positive("kl_weight", kl_weight)
+        check_positive_int("mc_samples", mc_samples)
+        if "lr" in defaults:
+            check_positive("lr", defaults["lr"])
+        names, params = [], []
+        for name in var_model.posterior_parameters():
+            names.append(name)
+            params.append(var_model._mean_of(name))
+        defaults = dict(defaults, dataset_size=int(dataset_size), kl_weight=float(kl_weight),
+                        mc_samples=int(mc_samples))
+        super().__init__(params, defaults)
+        self.var_model = var_model
+        self._names = {p: n for n, p in zip(names, params)}
+        self._posteriors = {}
+        for key, post in var_model.named_posteriors():
+            for n in post.names:
+                self._posteriors[n] = (key, post)
+        var_model.record_noise = True
+        var_model.scales_require_grad_(False)
+
+    # ---------------------------------------------------------------- helpers for subclasses
+    def name_of(self, p):
+        return self._names[p]
+
+    def posterior_of(self, p):
+        return self._posteriors[self._names[p]][1]
+
+    def noise_of(self, p):
+        """The standard-normal noise ε of the last forward for parameter ``p`` (mean-field)."""
+        name = self._names[p]
+        key, post = self._posteriors[name]
+        record = self.var_model.last_noise
+        if record is None or key not in record:
+            raise RuntimeError("no weight sample recorded: run a forward pass of the variational "
+                               "model in training mode (and backward) before step()")
+        return record[key][post.names.index(name)]
+
+    def prior_of(self, p):
+        return self.var_model.prior_of(self._names[p])
+
+    def prior_precision(self, p):
+        """Per-entry prior precision (exact for Gaussian priors, moment-matched otherwise)."""
+        return self.prior_of(p).damping_precision(p.detach())
+
+    def prior_grad(self, p, theta):
+        """``-∇ log p(θ)`` per entry (``precision · (θ - mean)`` for a Gaussian prior)."""
+        return -self.prior_of(p).log_prob_grad(theta.detach())
+
+    def mean_field_params(self, group):
+        for p in group["params"]:
+            if isinstance(self.posterior_of(p), MeanFieldPosterior):
+                yield p
+
+    def run_closure(self, closure, accumulate):
+        """Call ``closure`` ``mc_samples`` times; after each call ``accumulate(sample_index)``
+        collects what the subclass needs (gradients, noise, curvature). Returns the mean loss."""
+        m = self.defaults["mc_samples"]
+        total = 0.0
+        for i in range(m):
+            with torch.enable_grad():
+                loss = closure()
+            accumulate(i)
+            total = total + (loss.detach() if torch.is_tensor(loss) else loss)
+        return total / m
+
+    @torch.no_grad()
+    def commit(self, step, means=None, stddevs=None, states=None):
+        """Check every new tensor for finiteness, then write them all.
+
+        ``means``: {param: new value}; ``stddevs``: {posterior: new std};
+        ``states``: {param: {key: new tensor}} written into ``self.state``.
+        """
+        means = means or {}
+        stddevs = stddevs or {}
+        states = states or {}
+        checks = [(f"mean of {self._names[p]}", v) for p, v in means.items()]
+        checks += [(f"posterior std of {'/'.join(post.names)}", v) for post, v in stddevs.items()]
+        checks += [(f"optimizer state {k!r} of {self._names[p]}", v)
+                   for p, st in states.items() for k, v in st.items() if torch.is_tensor(v)]
+        for what, value in checks:
+            if not torch.isfinite(value).all():
+                raise NonFiniteError(
+                    f"{type(self).__name__} step {step}: the {what} would become non-finite "
+                    "(NaN or inf); nothing was changed. The loss or its gradient is probably "
+                    "non-finite or exploding: lower lr, raise the damping, or check the data.")
+        for post, v in stddevs.items():
+            if (v <= 0).any():
+                raise NonFiniteError(
+                    f"{type(self).__name__} step {step}: the posterior std of "
+                    f"{'/'.join(post.names)} would become <= 0; nothing was changed. Raise the "
+                    "damping or lower lr.")
+        for p, v in means.items():
+            p.copy_(v)
+        for post, v in stddevs.items():
+            post.set_stddev(v)
+        for p, st in states.items():
+            self.state[p].update(st)

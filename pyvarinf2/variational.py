@@ -1,0 +1,346 @@
+"""``variationalize``: a Gaussian posterior over the weights of any ``nn.Module``.
+
+The wrapped model stays intact and its parameters *are* the posterior means, so exporting the
+posterior-mean network is a copy of the user's own module. Every parameter that requires a
+gradient (and is not kept deterministic by the user) gets a posterior; tied parameters get one.
+The forward pass runs the user's module through ``torch.func.functional_call`` with sampled
+weights (training mode), the means (evaluation mode) or a frozen draw (:class:`Sample`).
+"""
+import contextlib
+import copy
+import fnmatch
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from .posteriors import MeanFieldPosterior, Posterior
+from .priors import GaussianPrior, Prior, make_prior
+
+__all__ = ["VariationalModel", "variationalize", "Variationalize", "Sample"]
+
+_EXTRA_STATE_VERSION = 1
+
+
+def _resolve_owner(model, name):
+    module_path, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_path) if module_path else model
+    return module, attr
+
+
+def _matcher(spec, argname):
+    """Turn a name pattern, a list of patterns/module types, or a callable into a predicate
+    ``(name, module) -> bool``."""
+    if spec is None:
+        return lambda name, module: False
+    if callable(spec) and not isinstance(spec, type):
+        return lambda name, module: bool(spec(name, module))
+    items = [spec] if isinstance(spec, (str, type)) else list(spec)
+    patterns, types = [], []
+    for item in items:
+        if isinstance(item, str):
+            patterns.append(item)
+        elif isinstance(item, type) and issubclass(item, nn.Module):
+            types.append(item)
+        else:
+            raise TypeError(f"{argname} must hold parameter-name patterns (str) or nn.Module "
+                            f"types, got {item!r}")
+    types = tuple(types)
+    return lambda name, module: (any(fnmatch.fnmatchcase(name, p) for p in patterns)
+                                 or (bool(types) and isinstance(module, types)))
+
+
+class VariationalModel(nn.Module):
+    """A model with a Gaussian posterior over its weights; see :func:`variationalize`."""
+
+    def __init__(self, model, prior="gaussian", init_std=1e-3, deterministic=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, VariationalModel):
+            raise TypeError("model is already a VariationalModel")
+        if not (isinstance(init_std, (int, float)) and not isinstance(init_std, bool)
+                and init_std > 0 and init_std == init_std and init_std != float("inf")):
+            raise ValueError(f"init_std must be a finite number > 0, got {init_std!r}")
+        is_deterministic = _matcher(deterministic, "deterministic")
+        prior_obj = make_prior(prior) if not isinstance(prior, (tuple, list)) else make_prior(*prior)
+        named = list(model.named_parameters())  # duplicates (tied weights) removed
+        if not named:
+            raise ValueError(f"model has no parameters: {type(model).__name__} cannot be given a "
+                             "posterior over its weights")
+        selected = []
+        for name, p in named:
+            owner, attr = _resolve_owner(model, name)
+            if p.requires_grad and not is_deterministic(name, owner):
+                selected.append((name, p, owner, attr))
+        if not selected:
+            raise ValueError("model has no trainable parameter left to put a posterior on "
+                             "(all have requires_grad=False or match `deterministic`)")
+        super().__init__()
+        self.model = model
+        self.posteriors = nn.Module()
+        self._priors = {}
+        self._sample_override = None
+        self.record_noise = False
+        self.last_noise = None
+        for name, p, owner, attr in selected:
+            post = MeanFieldPosterior(name, p, init_std)
+            post._mean_source = (owner, attr)
+            self._attach(name, post)
+            self._priors[name] = prior_obj
+
+    # ----------------------------------------------------------------- structure
+    def _attach(self, key, posterior):
+        parts = key.split(".")
+        container = self.posteriors
+        for part in parts[:-1]:
+            child = container._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                container.add_module(part, child)
+            container = child
+        container.add_module(parts[-1], posterior)
+
+    def _detach(self, key):
+        parts = key.split(".")
+        container = self.posteriors
+        for part in parts[:-1]:
+            container = container._modules[part]
+        del container._modules[parts[-1]]
+
+    def replace_posterior(self, key, posterior):
+        """Install ``posterior`` (covering ``posterior.names``) in place of the posteriors of
+        those parameters, under ``key`` in the ``posteriors`` tree (e.g. a layer's path).
+        Used by optimizers that need a structured family (Kronecker factors)."""
+        if not isinstance(posterior, Posterior):
+            raise TypeError(f"posterior must be a Posterior, got {type(posterior).__name__}")
+        current = dict(self.named_posteriors())
+        covered = {}
+        for k, post in current.items():
+            for n in post.names:
+                covered[n] = k
+        for n in posterior.names:
+            if n not in covered:
+                raise ValueError(f"parameter {n!r} has no posterior in this model")
+        for n in posterior.names:
+            k = covered[n]
+            if k in current:
+                self._detach(k)
+                current.pop(k)
+        for n in posterior.names:
+            owner, attr = _resolve_owner(self.model, n)
+            posterior._mean_sources = getattr(posterior, "_mean_sources", {})
+            posterior._mean_sources[n] = (owner, attr)
+        self._attach(key, posterior)
+        return posterior
+
+    def named_posteriors(self):
+        """Yield ``(key, posterior)``; for the mean-field family the key is the parameter name.
+
+        ``posterior.mean`` and ``posterior.stddev`` are tensors shaped like the parameter."""
+        for key, module in self.posteriors.named_modules():
+            if isinstance(module, Posterior):
+                yield key, module
+
+    def posterior_parameters(self):
+        """Names of the parameters that have a posterior, in model order."""
+        return [n for _, post in self.named_posteriors() for n in post.names]
+
+    def mean_parameters(self):
+        """The posterior means (the wrapped model's parameters that have a posterior)."""
+        return [self._mean_of(n) for n in self.posterior_parameters()]
+
+    def scale_parameters(self):
+        """The parameters that hold the posterior scales (``rho`` for the mean-field family)."""
+        return [p for _, post in self.named_posteriors() for p in post.parameters()]
+
+    def scales_require_grad_(self, flag=True):
+        """Turn gradients for the scales on or off (natural-gradient optimizers set the scales
+        themselves and switch them off to save a backward pass)."""
+        for p in self.scale_parameters():
+            p.requires_grad_(flag)
+        return self
+
+    def _mean_of(self, name):
+        owner, attr = _resolve_owner(self.model, name)
+        return getattr(owner, attr)
+
+    # ----------------------------------------------------------------- priors
+    def prior_of(self, name):
+        """The prior on parameter ``name``."""
+        if name not in self._priors:
+            raise KeyError(f"parameter {name!r} has no posterior; parameters with one: "
+                           f"{list(self._priors)}")
+        return self._priors[name]
+
+    def named_priors(self):
+        return list(self._priors.items())
+
+    def set_prior(self, prior, *args, parameters=None, **kwargs):
+        """Set the prior, for all parameters or those matching ``parameters``.
+
+        ``prior`` is a name with PyVarInf's positional arguments (``'gaussian'``,
+        ``'conjugate', n_mc_samples, alpha_0, beta_0, mu_0, kappa_0``,
+        ``'conjugate_known_mean', n_mc_samples, mean, alpha_0, beta_0``,
+        ``'mixtgauss', n_mc_samples, sigma_1, sigma_2, pi``), a :class:`~pyvarinf2.priors.Prior`
+        or any ``torch.distributions.Distribution`` (element-wise). ``parameters`` is a name
+        pattern (fnmatch), a list of patterns or module types, or a callable
+        ``(name, module) -> bool``. Everything is validated before any prior changes.
+        """
+        prior_obj = make_prior(prior, *args, **kwargs)
+        match = _matcher(parameters, "parameters") if parameters is not None else None
+        names = []
+        for name in self._priors:
+            if match is None or match(name, _resolve_owner(self.model, name)[0]):
+                names.append(name)
+        if not names:
+            raise ValueError(f"parameters={parameters!r} matches no parameter with a posterior; "
+                             f"those are {list(self._priors)}")
+        for name in names:
+            self._priors[name] = prior_obj
+        return self
+
+    def prior_loss(self):
+        """KL(q || prior) summed over all parameters, in nats (add ``prior_loss() / N``)."""
+        total = None
+        for _, post in self.named_posteriors():
+            means = [self._mean_of(n) for n in post.names]
+            kl = post.kl(means, [self._priors[n] for n in post.names])
+            total = kl if total is None else total + kl
+        return total
+
+    # ----------------------------------------------------------------- sampling
+    def sample_parameters(self):
+        """Draw one weight sample: ``{name: tensor}`` for every parameter with a posterior."""
+        out = {}
+        record = {} if self.record_noise else None
+        for key, post in self.named_posteriors():
+            means = [self._mean_of(n) for n in post.names]
+            noise = post.draw_noise(means)
+            for n, t in zip(post.names, post.sample(means, noise)):
+                out[n] = t
+            if record is not None:
+                record[key] = noise
+        if record is not None:
+            self.last_noise = record
+        return out
+
+    def is_sampling(self):
+        if self._sample_override is not None:
+            return self._sample_override
+        return self.training
+
+    @contextlib.contextmanager
+    def sampling(self, enabled=True):
+        """Within the block, forward draws weights (``enabled=True``) or uses the means,
+        whatever the train/eval mode (which still governs dropout and BatchNorm)."""
+        previous = self._sample_override
+        self._sample_override = bool(enabled)
+        try:
+            yield self
+        finally:
+            self._sample_override = previous
+
+    def forward(self, *args, **kwargs):
+        if self.is_sampling():
+            params = self.sample_parameters()
+        else:
+            return self.model(*args, **kwargs)
+        return functional_call(self.model, params, args, kwargs, strict=False)
+
+    # ----------------------------------------------------------------- export / persistence
+    def mean_model(self):
+        """A deep copy of the wrapped model (the user's own class) holding the posterior means."""
+        return copy.deepcopy(self.model)
+
+    export_mean_model = mean_model
+
+    def get_extra_state(self):
+        return {"version": _EXTRA_STATE_VERSION,
+                "priors": {name: prior.spec() for name, prior in self._priors.items()}}
+
+    def set_extra_state(self, state):
+        if not isinstance(state, dict) or "priors" not in state:
+            raise RuntimeError("state_dict holds no pyvarinf2 prior settings (_extra_state)")
+        priors = state["priors"]
+        if set(priors) != set(self._priors):
+            missing = sorted(set(self._priors) - set(priors))
+            extra = sorted(set(priors) - set(self._priors))
+            raise RuntimeError(f"state_dict priors do not match this model: missing {missing}, "
+                               f"unexpected {extra}")
+        self._priors = {name: make_prior(kind, **settings)
+                        for name, (kind, settings) in priors.items()}
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Like ``nn.Module.load_state_dict``, but checks the whole state (names and shapes)
+        before changing anything, so a state_dict from another architecture leaves the model
+        as it was and the error says what does not match."""
+        own = self.state_dict()
+        if strict:
+            missing = [k for k in own if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in own]
+            if missing or unexpected:
+                raise RuntimeError("state_dict does not match this variational model: "
+                                   f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+                                   f"unexpected keys {unexpected[:10]}"
+                                   f"{' ...' if len(unexpected) > 10 else ''}")
+        bad = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+               for k, v in own.items() if torch.is_tensor(v) and k in state_dict
+               and torch.is_tensor(state_dict[k]) and state_dict[k].shape != v.shape]
+        if bad:
+            raise RuntimeError("state_dict does not match this variational model, shape "
+                               "mismatch for " + "; ".join(bad[:10]))
+        extra_key = "_extra_state"
+        if extra_key in state_dict:
+            probe = copy.copy(self)
+            probe._priors = dict(self._priors)
+            VariationalModel.set_extra_state(probe, state_dict[extra_key])  # validates
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def variationalize(model, prior="gaussian", init_std=1e-3, deterministic=None):
+    """Wrap ``model`` with a mean-field Gaussian posterior over its weights.
+
+    Args:
+        model: any ``nn.Module``. Its parameters become the posterior means (it is not copied).
+        prior: the prior for every parameter: a name (``'gaussian'`` by default, see
+            :meth:`VariationalModel.set_prior`), a :class:`~pyvarinf2.priors.Prior` or a
+            ``torch.distributions.Distribution``.
+        init_std: initial posterior standard deviation of every weight.
+        deterministic: parameters to keep as point estimates: a name pattern (fnmatch, e.g.
+            ``'*.bias'``), a module type (e.g. ``nn.BatchNorm2d``), a list of those, or a callable
+            ``(name, module) -> bool``. Parameters with ``requires_grad=False`` stay fixed.
+
+    Returns:
+        a :class:`VariationalModel`. In training mode every forward draws fresh weights (one
+        sample shared by the batch); in evaluation mode it uses the posterior means.
+    """
+    return VariationalModel(model, prior=prior, init_std=init_std, deterministic=deterministic)
+
+
+Variationalize = variationalize
+
+
+class Sample(nn.Module):
+    """A frozen draw from a variational model (PyVarInf's ``Sample``).
+
+    ``draw()`` samples the weights once; every call then reuses them until the next ``draw()``.
+    Before the first ``draw()`` the posterior means are used.
+    """
+
+    def __init__(self, var_model):
+        if not isinstance(var_model, VariationalModel):
+            raise TypeError("var_model must be a VariationalModel (from variationalize), got "
+                            f"{type(var_model).__name__}")
+        super().__init__()
+        self.var_model = var_model
+        self.params = None
+
+    def draw(self):
+        with torch.no_grad():
+            self.params = {n: t.detach() for n, t in self.var_model.sample_parameters().items()}
+        return self
+
+    def forward(self, *args, **kwargs):
+        if self.params is None:
+            return self.var_model.model(*args, **kwargs)
+        return functional_call(self.var_model.model, self.params, args, kwargs, strict=False)
