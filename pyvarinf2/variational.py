@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from ._fused import gaussian_kl, mean_field_sample
 from .posteriors import MeanFieldPosterior, Posterior
 from .priors import GaussianPrior, Prior, make_prior
 
@@ -150,7 +151,7 @@ class VariationalModel(nn.Module):
         return [self._mean_of(n) for n in self.posterior_parameters()]
 
     def scale_parameters(self):
-        """The parameters that hold the posterior scales (``rho`` for the mean-field family)."""
+        """The parameters that hold the posterior scales (``log_std`` for the mean-field family)."""
         return [p for _, post in self.named_posteriors() for p in post.parameters()]
 
     def scales_require_grad_(self, flag=True):
@@ -200,26 +201,52 @@ class VariationalModel(nn.Module):
         return self
 
     def prior_loss(self):
-        """KL(q || prior) summed over all parameters, in nats (add ``prior_loss() / N``)."""
+        """KL(q || prior) summed over all parameters, in nats (add ``prior_loss() / N``).
+
+        Mean-field posteriors with Gaussian priors go through one fused closed-form kernel;
+        every other (posterior, prior) pair computes its own KL (closed form or Monte Carlo)."""
         total = None
+        fast = ([], [], [], [])  # means, log stds, prior stds, prior means
         for _, post in self.named_posteriors():
             means = [self._mean_of(n) for n in post.names]
-            kl = post.kl(means, [self._priors[n] for n in post.names])
+            priors = [self._priors[n] for n in post.names]
+            if type(post) is MeanFieldPosterior and type(priors[0]) is GaussianPrior:
+                fast[0].append(means[0])
+                fast[1].append(post.log_std)
+                fast[2].append(priors[0].resolve_std(means[0]))
+                fast[3].append(priors[0].mean)
+                continue
+            kl = post.kl(means, priors)
+            total = kl if total is None else total + kl
+        if fast[0]:
+            kl = gaussian_kl(*fast)
             total = kl if total is None else total + kl
         return total
 
     # ----------------------------------------------------------------- sampling
     def sample_parameters(self):
-        """Draw one weight sample: ``{name: tensor}`` for every parameter with a posterior."""
+        """Draw one weight sample: ``{name: tensor}`` for every parameter with a posterior.
+
+        Mean-field posteriors are sampled together by one fused kernel
+        (:mod:`pyvarinf2._fused`); other families sample themselves."""
         out = {}
         record = {} if self.record_noise else None
+        mf_names, mf_means, mf_log_stds, mf_eps = [], [], [], []
         for key, post in self.named_posteriors():
             means = [self._mean_of(n) for n in post.names]
             noise = post.draw_noise(means)
-            for n, t in zip(post.names, post.sample(means, noise)):
-                out[n] = t
             if record is not None:
                 record[key] = noise
+            if type(post) is MeanFieldPosterior:
+                mf_names.append(post.names[0])
+                mf_means.append(means[0])
+                mf_log_stds.append(post.log_std)
+                mf_eps.append(noise[0])
+            else:
+                for n, t in zip(post.names, post.sample(means, noise)):
+                    out[n] = t
+        for n, t in zip(mf_names, mean_field_sample(mf_means, mf_log_stds, mf_eps)):
+            out[n] = t
         if record is not None:
             self.last_noise = record
         return out

@@ -1,0 +1,72 @@
+"""Bayes-by-backprop training step vs a plain Adam step on the same network.
+
+    python benchmarks/bench_bbb.py [--steps 60] [--device cpu|cuda]
+
+One process, interleaved steps, median of ``--steps`` steps for each contender:
+* plain: ``nn.Module`` + ``torch.optim.Adam`` on the cross-entropy loss;
+* bbb: ``variationalize(model)`` + Adam over (mean, rho) on NLL + prior_loss()/N.
+Writes benchmarks/results/bbb_step.json with the machine.
+"""
+import argparse
+import copy
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pyvarinf2  # noqa: E402
+from common import ReadmeCNN, batch_for, interleaved, mlp, write_results  # noqa: E402
+
+
+def make_steps(name, device):
+    model = (mlp() if name == "mlp" else ReadmeCNN()).to(device)
+    x, y = (t.to(device) for t in batch_for(name))
+    plain = copy.deepcopy(model)
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    var_model = pyvarinf2.variationalize(copy.deepcopy(model)).to(device)
+    bbb_opt = torch.optim.Adam(var_model.parameters(), lr=1e-3)
+    n = 60000
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def plain_step():
+        plain_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(plain(x), y).backward()
+        plain_opt.step()
+        sync()
+
+    def bbb_step():
+        bbb_opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(var_model(x), y) + var_model.prior_loss() / n
+        loss.backward()
+        bbb_opt.step()
+        sync()
+
+    return {"plain_adam": plain_step, "bbb": bbb_step}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default="bbb_step.json")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    results = {}
+    for name in ("mlp", "readme_cnn"):
+        med = interleaved(make_steps(name, args.device), n_steps=args.steps)
+        results[name] = {"plain_adam_ms": 1e3 * med["plain_adam"], "bbb_ms": 1e3 * med["bbb"],
+                         "ratio": med["bbb"] / med["plain_adam"]}
+        print(f"{name:11s} plain Adam {1e3 * med['plain_adam']:7.2f} ms   "
+              f"BBB {1e3 * med['bbb']:7.2f} ms   ratio {med['bbb'] / med['plain_adam']:.2f}x")
+    path = write_results(args.out, {"benchmark": "bbb training step / plain Adam step",
+                                    "batch_size": 128, "steps": args.steps,
+                                    "device": args.device, "results": results})
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
