@@ -70,6 +70,11 @@ class MeanFieldPosterior(Posterior):
     def set_stddev(self, std):
         """Set the scale (out of the autograd graph) from a positive tensor or number."""
         std = torch.as_tensor(std, dtype=self.log_std.dtype, device=self.log_std.device)
+        if not bool(((std > 0) & torch.isfinite(std)).all()):
+            raise ValueError(f"std must be finite and > 0 everywhere, got {std!r}"
+                             if std.numel() == 1 else
+                             "std must be finite and > 0 everywhere, got a tensor with "
+                             f"{int((~((std > 0) & torch.isfinite(std))).sum())} bad entries")
         torch.log(std.expand_as(self.log_std), out=self.log_std)
 
     @torch.no_grad()

@@ -131,6 +131,12 @@ class GaussianPrior(Prior):
     ``fan_in = numel / shape[0]`` (the product of all dimensions but the first, i.e. the inputs
     of one output unit for Linear, Conv and Embedding-style tables), and ``1`` for tensors with
     ``dim() <= 1`` (biases, normalisation scales and shifts, scalars).
+
+    ``fan_in`` is the one ``torch.nn.init`` uses, so for the other layers: Conv with groups,
+    ``in_channels/groups * kernel size``; ConvTranspose (weight ``(in, out/groups, *kernel)``),
+    ``out_channels/groups * kernel size``; Embedding, the embedding dimension; LSTM/GRU
+    ``weight_ih``/``weight_hh``, the input/hidden (or projection) size; MultiheadAttention's
+    packed ``in_proj_weight``, ``embed_dim``.
     """
 
     kind = "gaussian"
@@ -212,10 +218,12 @@ class ConjugatePrior(Prior):
         return const - a_n * torch.log(b_n)
 
     def variance(self, like):
-        # variance of one entry: E[sigma^2] under the inverse gamma (its mode when alpha_0 <= 1,
-        # where the mean is infinite)
+        # marginal variance of one entry, theta_i = mu + sigma z with mu ~ N(mu_0, sigma^2 /
+        # kappa_0): E[sigma^2] (1 + 1/kappa_0), E[sigma^2] under the inverse gamma (its mode
+        # when alpha_0 <= 1, where the mean is infinite)
         a, b = self.alpha_0, self.beta_0
-        return b / (a - 1.0) if a > 1.0 else b / (a + 1.0)
+        s2 = b / (a - 1.0) if a > 1.0 else b / (a + 1.0)
+        return s2 * (1.0 + 1.0 / self.kappa_0)
 
     def spec(self):
         return self.kind, {"n_mc_samples": self.n_mc_samples, "alpha_0": self.alpha_0,
@@ -285,11 +293,31 @@ class MixtureGaussianPrior(Prior):
 
 class DistributionPrior(Prior):
     """Any ``torch.distributions.Distribution`` as an element-wise prior (its ``log_prob`` is
-    evaluated entry by entry and summed; its batch shape must broadcast to the tensor)."""
+    evaluated entry by entry and summed; its batch shape must broadcast to the tensor).
+
+    ``distribution`` may also be the name of a ``torch.distributions`` class with its
+    constructor arguments in ``args`` (``DistributionPrior('Laplace', args={'loc': 0., 'scale':
+    1.})``): that is the form :meth:`spec` saves in a ``state_dict``, so that a checkpoint loads
+    with ``torch.load(weights_only=True)``. Distributions that cannot be rebuilt from their
+    tensor arguments (e.g. mixtures of other distributions) are saved as the object itself.
+    """
 
     kind = "distribution"
 
-    def __init__(self, distribution, n_mc_samples=1):
+    def __init__(self, distribution, n_mc_samples=1, args=None):
+        if isinstance(distribution, str):
+            cls = getattr(D, distribution, None)
+            if not (isinstance(cls, type) and issubclass(cls, D.Distribution)):
+                raise ValueError("distribution must be a torch.distributions.Distribution or the "
+                                 "name of a torch.distributions class, got "
+                                 f"{distribution!r}")
+            if not isinstance(args, dict):
+                raise TypeError(f"args must be a dict of constructor arguments of "
+                                f"torch.distributions.{distribution}, got {args!r}")
+            distribution = cls(**args)
+        elif args is not None:
+            raise TypeError("args is only used with a distribution given by name, got "
+                            f"args={args!r} with a {type(distribution).__name__}")
         if not isinstance(distribution, D.Distribution):
             raise TypeError("distribution must be a torch.distributions.Distribution, got "
                             f"{type(distribution).__name__}")
@@ -304,28 +332,20 @@ class DistributionPrior(Prior):
     def _on(self, like):
         # move the distribution's tensors to the parameter's device/dtype lazily
         dist = self.distribution
-        params = {k: getattr(dist, k) for k in dist.arg_constraints if k in dist.__dict__
-                  or hasattr(type(dist), k)}
-        moved = {}
-        for k, v in params.items():
-            if torch.is_tensor(v):
-                if v.device != like.device or v.dtype != like.dtype:
-                    moved[k] = v.to(device=like.device, dtype=like.dtype)
-        if not moved:
+        params = _distribution_args(dist)
+        if params is None:
             return dist
-        kwargs = {k: (moved.get(k, v)) for k, v in params.items()
-                  if k in _ctor_args(type(dist))}
-        try:
-            return type(dist)(**kwargs, validate_args=False)
-        except TypeError:
+        if not any(v.device != like.device or v.dtype != like.dtype for v in params.values()):
             return dist
+        moved = {k: v.to(device=like.device, dtype=like.dtype) for k, v in params.items()}
+        return type(dist)(**moved, validate_args=False)
 
     def log_prob(self, theta):
         return self._on(theta).log_prob(theta).sum()
 
     def kl(self, mean, std):
         if self.closed_form:
-            kl = D.kl_divergence(D.Normal(mean, std), self._on(mean))
+            kl = D.kl_divergence(D.Normal(mean, std, validate_args=False), self._on(mean))
             return kl.expand(mean.shape).sum() if kl.shape != mean.shape else kl.sum()
         return super().kl(mean, std)
 
@@ -345,7 +365,51 @@ class DistributionPrior(Prior):
         return float(torch.as_tensor(v).float().mean())
 
     def spec(self):
-        return self.kind, {"distribution": self.distribution, "n_mc_samples": self.n_mc_samples}
+        dist = self.distribution
+        args = _distribution_args(dist)
+        if args is not None:
+            return self.kind, {"distribution": type(dist).__name__,
+                               "args": {k: v.detach().clone() for k, v in args.items()},
+                               "n_mc_samples": self.n_mc_samples}
+        return self.kind, {"distribution": dist, "n_mc_samples": self.n_mc_samples}
+
+    def __eq__(self, other):
+        if type(self) is not type(other):
+            return False
+        if self.distribution is other.distribution:
+            return self.n_mc_samples == other.n_mc_samples
+        (_, a), (_, b) = self.spec(), other.spec()
+        if not isinstance(a["distribution"], str) or a["distribution"] != b["distribution"]:
+            return False
+        return (a["n_mc_samples"] == b["n_mc_samples"] and set(a["args"]) == set(b["args"])
+                and all(torch.equal(a["args"][k], b["args"][k]) for k in a["args"]))
+
+    __hash__ = object.__hash__
+
+
+def _distribution_args(dist):
+    """The tensor constructor arguments that rebuild ``dist`` (a ``torch.distributions`` class
+    reachable by name), or ``None`` if it cannot be rebuilt that way."""
+    cls = type(dist)
+    if getattr(D, cls.__name__, None) is not cls:
+        return None
+    try:
+        names = [k for k in dist.arg_constraints if k in vars(dist)]
+    except NotImplementedError:
+        return None
+    if not names:
+        return None
+    ctor = _ctor_args(cls)
+    args = {k: vars(dist)[k] for k in names if k in ctor}
+    if not args or not all(torch.is_tensor(v) for v in args.values()):
+        return None
+    try:
+        rebuilt = cls(**args, validate_args=False)
+    except (TypeError, ValueError):
+        return None
+    if rebuilt.batch_shape != dist.batch_shape or rebuilt.event_shape != dist.event_shape:
+        return None
+    return args
 
 
 def _ctor_args(cls):

@@ -9,18 +9,48 @@ weights (training mode), the means (evaluation mode) or a frozen draw (:class:`S
 import contextlib
 import copy
 import fnmatch
+import importlib
 
 import torch
 import torch.nn as nn
+from torch._C._functorch import peek_interpreter_stack as _peek_interpreter_stack
 from torch.func import functional_call
 
 from ._fused import gaussian_kl, mean_field_sample
 from .posteriors import MeanFieldPosterior, Posterior
 from .priors import GaussianPrior, Prior, make_prior
 
-__all__ = ["VariationalModel", "variationalize", "Variationalize", "Sample"]
+__all__ = ["VariationalModel", "variationalize", "Variationalize", "Sample",
+           "register_posterior_family"]
 
 _EXTRA_STATE_VERSION = 1
+
+# Structured posterior families a checkpoint can name in its extra state (``'posteriors'``):
+# family -> class, or (module, class name) imported on first use. A family class provides
+# ``spec()`` (saved) and ``from_spec(spec, means)`` (rebuilds an equivalent, unloaded posterior).
+_POSTERIOR_FAMILIES = {"kronecker": ("pyvarinf2.kronecker", "KroneckerPosterior")}
+
+
+def register_posterior_family(name, cls):
+    """Make ``VariationalModel.load_state_dict`` able to rebuild posteriors of family ``name``."""
+    _POSTERIOR_FAMILIES[name] = cls
+
+
+def _posterior_family(name):
+    entry = _POSTERIOR_FAMILIES.get(name)
+    if entry is None:
+        raise RuntimeError(f"state_dict names an unknown posterior family {name!r}; known: "
+                           f"{sorted(_POSTERIOR_FAMILIES)} (register_posterior_family)")
+    if isinstance(entry, tuple):
+        entry = getattr(importlib.import_module(entry[0]), entry[1])
+        _POSTERIOR_FAMILIES[name] = entry
+    return entry
+
+
+def _functorch_active():
+    """True inside a ``torch.func`` transform (vmap, grad, jacrev, ...): the fused
+    ``autograd.Function`` kernels have no functorch rules there, so the plain path is used."""
+    return _peek_interpreter_stack() is not None
 
 
 def _resolve_owner(model, name):
@@ -36,7 +66,15 @@ def _matcher(spec, argname):
         return lambda name, module: False
     if callable(spec) and not isinstance(spec, type):
         return lambda name, module: bool(spec(name, module))
-    items = [spec] if isinstance(spec, (str, type)) else list(spec)
+    if isinstance(spec, (str, type)):
+        items = [spec]
+    else:
+        try:
+            items = list(spec)
+        except TypeError:
+            raise TypeError(f"{argname} must be a parameter-name pattern (str), an nn.Module type, "
+                            f"a list of those, or a callable (name, module) -> bool, got "
+                            f"{spec!r}") from None
     patterns, types = [], []
     for item in items:
         if isinstance(item, str):
@@ -122,6 +160,12 @@ class VariationalModel(nn.Module):
         for n in posterior.names:
             if n not in covered:
                 raise ValueError(f"parameter {n!r} has no posterior in this model")
+        replaced = {covered[n] for n in posterior.names}
+        kept = [k for k in current if k not in replaced
+                and (k == key or k.startswith(key + "."))]
+        if kept:
+            raise ValueError(f"key {key!r} would hide the posteriors {kept} that "
+                             f"{type(posterior).__name__} does not cover; choose another key")
         for n in posterior.names:
             k = covered[n]
             if k in current:
@@ -207,10 +251,11 @@ class VariationalModel(nn.Module):
         every other (posterior, prior) pair computes its own KL (closed form or Monte Carlo)."""
         total = None
         fast = ([], [], [], [])  # means, log stds, prior stds, prior means
+        fused = not _functorch_active()
         for _, post in self.named_posteriors():
             means = [self._mean_of(n) for n in post.names]
             priors = [self._priors[n] for n in post.names]
-            if type(post) is MeanFieldPosterior and type(priors[0]) is GaussianPrior:
+            if fused and type(post) is MeanFieldPosterior and type(priors[0]) is GaussianPrior:
                 fast[0].append(means[0])
                 fast[1].append(post.log_std)
                 fast[2].append(priors[0].resolve_std(means[0]))
@@ -232,12 +277,13 @@ class VariationalModel(nn.Module):
         out = {}
         record = {} if self.record_noise else None
         mf_names, mf_means, mf_log_stds, mf_eps = [], [], [], []
+        fused = not _functorch_active()
         for key, post in self.named_posteriors():
             means = [self._mean_of(n) for n in post.names]
             noise = post.draw_noise(means)
             if record is not None:
                 record[key] = noise
-            if type(post) is MeanFieldPosterior:
+            if fused and type(post) is MeanFieldPosterior:
                 mf_names.append(post.names[0])
                 mf_means.append(means[0])
                 mf_log_stds.append(post.log_std)
@@ -282,8 +328,63 @@ class VariationalModel(nn.Module):
     export_mean_model = mean_model
 
     def get_extra_state(self):
-        return {"version": _EXTRA_STATE_VERSION,
-                "priors": {name: prior.spec() for name, prior in self._priors.items()}}
+        state = {"version": _EXTRA_STATE_VERSION,
+                 "priors": {name: prior.spec() for name, prior in self._priors.items()}}
+        structured = {key: post.spec() for key, post in self.named_posteriors()
+                      if getattr(post, "family", None) is not None}
+        if structured:  # e.g. Kronecker posteriors: rebuilt in a fresh model on load
+            state["posteriors"] = structured
+        return state
+
+    def _posterior_snapshot(self):
+        return list(self.named_posteriors())
+
+    def _restore_posteriors(self, snapshot):
+        self.posteriors = nn.Module()
+        for key, post in snapshot:
+            self._attach(key, post)
+
+    def _adopt_posterior_families(self, extra):
+        """Install the structured posteriors (Kronecker, ...) that a checkpoint's extra state
+        lists and this model lacks, so a freshly variationalized model can load it. Returns a
+        snapshot to undo the change, or ``None`` when nothing changed."""
+        specs = extra.get("posteriors") if isinstance(extra, dict) else None
+        if not specs:
+            return None
+        current = dict(self.named_posteriors())
+        todo = []
+        for key, spec in specs.items():
+            post = current.get(key)
+            if post is not None and getattr(post, "family", None) == spec.get("family") \
+                    and list(post.names) == list(spec.get("names", ())):
+                continue
+            cls = _posterior_family(spec.get("family"))
+            try:
+                means = [self._mean_of(n) for n in spec["names"]]
+            except AttributeError as exc:
+                raise RuntimeError(f"state_dict has a {spec.get('family')} posterior for "
+                                   f"{spec['names']}, which this model does not have") from exc
+            todo.append((key, cls.from_spec(spec, means)))
+        if not todo:
+            return None
+        snapshot = self._posterior_snapshot()
+        try:
+            for key, post in todo:
+                self.replace_posterior(key, post)
+        except Exception:
+            self._restore_posteriors(snapshot)
+            raise
+        return snapshot
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # when loaded as a submodule of a bigger model (our load_state_dict is not called)
+        try:
+            self._adopt_posterior_families(state_dict.get(prefix + "_extra_state"))
+        except (RuntimeError, ValueError) as exc:
+            error_msgs.append(str(exc))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def set_extra_state(self, state):
         if not isinstance(state, dict) or "priors" not in state:
@@ -300,7 +401,19 @@ class VariationalModel(nn.Module):
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Like ``nn.Module.load_state_dict``, but checks the whole state (names and shapes)
         before changing anything, so a state_dict from another architecture leaves the model
-        as it was and the error says what does not match."""
+        as it was and the error says what does not match.
+
+        Structured posteriors (Kronecker) named in the checkpoint's extra state are installed
+        first, so a freshly variationalized model loads them; they are undone on failure."""
+        snapshot = self._adopt_posterior_families(state_dict.get("_extra_state"))
+        try:
+            return self._load_state_dict_checked(state_dict, strict, assign)
+        except Exception:
+            if snapshot is not None:
+                self._restore_posteriors(snapshot)
+            raise
+
+    def _load_state_dict_checked(self, state_dict, strict, assign):
         own = self.state_dict()
         if strict:
             missing = [k for k in own if k not in state_dict]

@@ -30,4 +30,7 @@ def _seed():
 
 
 def pytest_configure(config):
+    # One intra-op thread: the tests' tensors are small, OpenMP hand-offs cost more than they
+    # save, and results do not depend on the machine's core count.
+    torch.set_num_threads(1)
     config.addinivalue_line("markers", "slow: long runs kept out of CI (run with -m slow)")

@@ -140,19 +140,24 @@ class VariationalOptimizer(torch.optim.Optimizer):
         return total / m
 
     @torch.no_grad()
-    def commit(self, step, means=None, stddevs=None, states=None):
+    def commit(self, step, means=None, stddevs=None, states=None, posterior_states=None):
         """Check every new tensor for finiteness, then write them all.
 
         ``means``: {param: new value}; ``stddevs``: {posterior: new std};
-        ``states``: {param: {key: new tensor}} written into ``self.state``.
+        ``states``: {param: {key: new tensor}} written into ``self.state``;
+        ``posterior_states``: {posterior: {buffer: new tensor}} for structured posteriors,
+        written with ``posterior.set_state(**buffers)`` (a ``'std'`` entry must be > 0).
         """
         means = means or {}
         stddevs = stddevs or {}
         states = states or {}
+        posterior_states = posterior_states or {}
         checks = [(f"mean of {self._names[p]}", v) for p, v in means.items()]
         checks += [(f"posterior std of {'/'.join(post.names)}", v) for post, v in stddevs.items()]
         checks += [(f"optimizer state {k!r} of {self._names[p]}", v)
                    for p, st in states.items() for k, v in st.items() if torch.is_tensor(v)]
+        checks += [(f"posterior {k} of {'/'.join(post.names)}", v)
+                   for post, st in posterior_states.items() for k, v in st.items()]
         for what, value in checks:
             if not torch.isfinite(value).all():
                 raise NonFiniteError(
@@ -165,8 +170,16 @@ class VariationalOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__} step {step}: the posterior std of "
                     f"{'/'.join(post.names)} would become <= 0; nothing was changed. Raise the "
                     "damping or lower lr.")
+        for post, st in posterior_states.items():
+            if "std" in st and (st["std"] <= 0).any():
+                raise NonFiniteError(
+                    f"{type(self).__name__} step {step}: the posterior std of "
+                    f"{'/'.join(post.names)} would become <= 0; nothing was changed. Raise the "
+                    "damping or lower lr.")
         for p, v in means.items():
             p.copy_(v)
+        for post, st in posterior_states.items():
+            post.set_state(**st)
         for post, v in stddevs.items():
             post.set_stddev(v)
         for p, st in states.items():
