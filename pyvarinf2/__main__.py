@@ -1,0 +1,7 @@
+"""``python -m pyvarinf2`` = the ``pyvarinf2`` command."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""The ``pyvarinf2`` command and pyvarinf2.experiments: quickstart, bad input, resume, evaluate,
+regression-table, configs."""
+import csv
+import importlib
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pyvarinf2 import cli, experiments as ex, metrics
+from pyvarinf2.data import UCI_DATASETS, IMAGE_DATASETS
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = ["--no-progress", "--train-subset", "60", "--batch-size", "10", "--eval-samples", "2",
+        "--test-samples", "5"]
+
+
+def _run(argv, capsys):
+    rc = cli.main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+# ------------------------------------------------------------------------------ quickstart
+def test_quickstart_one_command_no_network_no_data_dir(tmp_path):
+    """The README command: `pyvarinf2 train` on a fresh machine, shipped data, < 1 minute."""
+    exe = pathlib.Path(sys.executable).with_name("pyvarinf2")
+    cmd = [str(exe), "train"] if exe.exists() else [sys.executable, "-m", "pyvarinf2", "train"]
+    env = {k: v for k, v in os.environ.items() if k != "PYVARINF2_DATA"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = re.search(r"test RMSE ([-\d.]+)\s+test log-likelihood ([-\d.]+)", proc.stdout)
+    assert m, proc.stdout
+    rmse, ll = float(m.group(1)), float(m.group(2))
+    # yacht's target has std ~15; predicting the mean gives RMSE ~15, log-lik ~ -4.1
+    assert rmse < 4.0 and ll > -3.5, (rmse, ll)
+    assert elapsed < 60, elapsed
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("quickstart-")
+    with open(run / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 200 and rows[-1]["epoch"] == "200"
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["test_rmse"] == pytest.approx(rmse, abs=1e-4)
+    assert "data from " + str(pathlib.Path(ex.__file__).parent / "datasets") in proc.stdout
+
+
+def test_shipped_quickstart_config_is_the_generated_one():
+    shipped = json.loads(ex.QUICKSTART_CONFIG.read_text())
+    assert shipped == ex.quickstart_config("bbb")
+    assert shipped == json.loads((ROOT / "configs" / "quickstart" / "bbb_embedded.json")
+                                 .read_text())
+
+
+def test_help_and_module_entry_point(capsys):
+    with pytest.raises(SystemExit) as err:
+        cli.main(["--help"])
+    assert err.value.code == 0
+    assert "regression-table" in capsys.readouterr().out
+    main_mod = importlib.import_module("pyvarinf2.__main__")
+    assert main_mod.main is cli.main
+
+
+# ------------------------------------------------------------------------------ bad input
+def _bad_configs(tmp_path):
+    (tmp_path / "malformed.json").write_text('{"dataset": "yacht",\n')
+    (tmp_path / "list.json").write_text('[1, 2]')
+    (tmp_path / "unknown_key.json").write_text('{"datset": "yacht"}')
+    (tmp_path / "bad_type.json").write_text('{"epochs": "ten"}')
+    (tmp_path / "bad_hidden.json").write_text('{"model": {"hidden": [0]}}')
+    return tmp_path
+
+
+BAD = [
+    (["--config", "{tmp}/missing.json"], ["config file not found", "missing.json"]),
+    (["--config", "{tmp}/malformed.json"], ["malformed JSON", "malformed.json", "line 2"]),
+    (["--config", "{tmp}/list.json"], ["must hold a JSON object", "list.json"]),
+    (["--config", "{tmp}/unknown_key.json"], ["unknown config key", "datset"]),
+    (["--config", "{tmp}/bad_type.json"], ["'epochs'", "'ten'"]),
+    (["--config", "{tmp}/bad_hidden.json"], ["model.hidden"]),
+    (["--dataset", "cifar10"], ["unknown dataset 'cifar10'"]),
+    (["--method", "sgd"], ["unknown method 'sgd'"]),
+    (["--dataset", "mnist", "--data-dir", "{tmp}/empty"],
+     ["'mnist' not found in data directory", "empty/mnist/train-images-idx3-ubyte.gz"]),
+    (["--dataset", "concrete", "--data-dir", "{tmp}/empty"],
+     ["'concrete' not found", "empty/uci/concrete/data/data.txt"]),
+    (["--split", "20"], ["split 20 does not exist"]),
+    (["--lr", "-1"], ["optimizer.lr", "-1"]),
+    (["--opt", "momentum=0.9"], ["['momentum']", "'bbb'"]),
+    (["--epochs", "0"], ["'epochs'"]),
+    (["--device", "tpu"], ["'device'"]),
+    (["--prior-std", "0"], ["bad prior"]),
+]
+
+
+@pytest.mark.parametrize("argv,needles", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, argv, needles):
+    _bad_configs(tmp_path)
+    (tmp_path / "empty").mkdir()
+    out_dir = tmp_path / "out"
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    rc, out, err = _run(["train", "-o", out_dir, "--no-progress"] + argv, capsys)
+    assert rc == 2
+    assert err.startswith("pyvarinf2 train: error: ")
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not out_dir.exists()
+
+
+def test_unusable_cuda_device_is_bad_input(tmp_path, capsys):
+    if torch.cuda.is_available():
+        device, needle = "cuda:99", "CUDA device(s) exist"
+    else:
+        device, needle = "cuda", "CUDA is not available"
+    rc, _, err = _run(["train", "-o", tmp_path / "o", "--device", device], capsys)
+    assert rc == 2 and needle in err and not (tmp_path / "o").exists()
+
+
+def test_missing_optimizer_module_is_bad_input(tmp_path, capsys, monkeypatch):
+    import pyvarinf2.optim as optim
+    monkeypatch.delitem(vars(optim), "VOGN", raising=False)  # forget a cached import
+    monkeypatch.setitem(optim._LOCATIONS, "VOGN", ".does_not_exist")
+    rc, _, err = _run(["train", "-o", tmp_path / "o", "--method", "vogn"], capsys)
+    assert rc == 2 and "pyvarinf2.optim.VOGN" in err and not (tmp_path / "o").exists()
+
+
+def test_other_commands_bad_input(tmp_path, capsys):
+    rc, _, err = _run(["evaluate", tmp_path / "nothing"], capsys)
+    assert rc == 2 and "checkpoint not found" in err and str(tmp_path / "nothing") in err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    rc, _, err = _run(["evaluate", tmp_path / "junk.pt", "-o", tmp_path / "ev"], capsys)
+    assert rc == 2 and "cannot read checkpoint" in err and not (tmp_path / "ev").exists()
+    for argv, needle in ((["--datasets", "cifar"], "unknown UCI dataset 'cifar'"),
+                         (["--methods", "sgd"], "unknown method 'sgd'"),
+                         (["--datasets", "yacht", "--data-dir", tmp_path / "e"],
+                          "'yacht' not found"),
+                         (["--splits", "0"], "--splits"),
+                         (["--config-dir", tmp_path / "nope"], "--config-dir")):
+        rc, _, err = _run(["regression-table", "-o", tmp_path / "res"] + argv, capsys)
+        assert rc == 2 and needle in err, (argv, err)
+    assert not (tmp_path / "res").exists()
+
+
+def test_non_empty_output_dir_needs_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    rc, _, err = _run(["train", "-o", out, "--epochs", "1"] + TINY, capsys)
+    assert rc == 2 and "not empty" in err and "--resume" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    rc, _, err = _run(["train", "-o", out, "--epochs", "1", "--overwrite"] + TINY, capsys)
+    assert rc == 0, err
+    assert (out / "checkpoint.pt").is_file() and (out / "notes.txt").read_text() == "mine"
+    # resuming a finished run without more epochs is refused, the run stays as it was
+    before = (out / "checkpoint.pt").read_bytes()
+    rc, _, err = _run(["train", "-o", out, "--resume"] + TINY[:1], capsys)
+    assert rc == 2 and "already has 1 epochs" in err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    # a resume whose config differs in more than epochs/device is refused
+    rc, _, err = _run(["train", "-o", out, "--resume", "--epochs", "2", "--seed", "5"] + TINY,
+                      capsys)
+    assert rc == 2 and "'seed'" in err
+
+
+# ------------------------------------------------------------------------------ train / resume
+@pytest.mark.parametrize("method", ex.METHODS)
+def test_resume_continues_bit_identically(tmp_path, capsys, method):
+    common = ["--method", method] + TINY
+    rc, out, err = _run(["train", "-o", tmp_path / "straight", "--epochs", "4"] + common, capsys)
+    assert rc == 0, err
+    rc, _, err = _run(["train", "-o", tmp_path / "split", "--epochs", "2"] + common, capsys)
+    assert rc == 0, err
+    rc, out, err = _run(["train", "-o", tmp_path / "split", "--resume", "--epochs", "4",
+                         "--no-progress"], capsys)
+    assert rc == 0, err
+    assert "resuming after epoch 2" in out
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 4
+    assert a["model"].keys() == b["model"].keys()
+    for k, v in a["model"].items():
+        if torch.is_tensor(v):
+            assert torch.equal(v, b["model"][k]), k
+    drop = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert drop(a["history"]) == drop(b["history"])
+    assert len(a["history"]) == 4
+    fa = json.loads((tmp_path / "straight" / "final_metrics.json").read_text())
+    fb = json.loads((tmp_path / "split" / "final_metrics.json").read_text())
+    assert fa == fb and math.isfinite(fa["test_rmse"]) and math.isfinite(fa["test_ll"])
+    with open(tmp_path / "split" / "metrics.csv") as fh:
+        assert [r["epoch"] for r in csv.DictReader(fh)] == ["1", "2", "3", "4"]
+
+
+def test_flags_override_the_config(tmp_path, capsys):
+    cfg = ex.quickstart_config("bbb")
+    cfg.update(epochs=50, name="mine")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    rc, _, err = _run(["train", "--config", path, "-o", tmp_path / "r", "--epochs", "1",
+                       "--hidden", "7,5", "--lr", "0.005", "--seed", "3"] + TINY, capsys)
+    assert rc == 0, err
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["epochs"] == 1 and saved["model"]["hidden"] == [7, 5]
+    assert saved["optimizer"]["lr"] == 0.005 and saved["seed"] == 3 and saved["name"] == "mine"
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert state["model"]["model.0.weight"].shape == (7, 6)
+    # another method drops the config's optimizer settings and name
+    rc, _, err = _run(["train", "--config", path, "-o", tmp_path / "m", "--epochs", "1",
+                       "--method", "map"] + TINY, capsys)
+    assert rc == 0, err
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["name"] == "map_embedded" and saved["optimizer"] == {"lr": ex.DEFAULT_LR["map"]}
+
+
+def test_map_evaluation_matches_training_and_plots(tmp_path, capsys):
+    rc, _, err = _run(["train", "-o", tmp_path / "r", "--method", "map", "--epochs", "30",
+                       "--lr", "0.01", "--test-samples", "50", "--no-progress"], capsys)
+    assert rc == 0, err
+    final = json.loads((tmp_path / "r" / "final_metrics.json").read_text())
+    rc, out, err = _run(["evaluate", tmp_path / "r", "--samples", "50"], capsys)
+    assert rc == 0, err
+    res = json.loads((tmp_path / "r" / "evaluation" / "evaluation.json").read_text())
+    # the MAP mean prediction does not depend on the noise draws: the RMSE is reproduced
+    assert res["rmse"] == pytest.approx(final["test_rmse"], rel=1e-9)
+    assert res["test_ll"] == pytest.approx(final["test_ll"], abs=0.1)
+    assert res["rmse"] < 3.0  # a 30-epoch MAP fit is far better than the mean (~15)
+    for name in ("predictions.png", "training_curves.png"):
+        assert _is_png(tmp_path / "r" / "evaluation" / name)
+
+
+def _is_png(path):
+    import matplotlib.image as mpimg
+    if not path.is_file() or path.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
+        return False
+    img = mpimg.imread(path)
+    return img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0
+
+
+def test_mnist_train_and_evaluate_with_ood(tmp_path, capsys, data_dir):
+    rc, out, err = _run(["train", "-o", tmp_path / "r", "--dataset", "mnist", "--method", "map",
+                         "--data-dir", data_dir, "--epochs", "2", "--train-subset", "2000",
+                         "--test-subset", "500", "--hidden", "64", "--batch-size", "50",
+                         "--lr", "0.003", "--eval-samples", "1", "--no-progress"], capsys)
+    assert rc == 0, err
+    assert "test accuracy" in out
+    rc, out, err = _run(["evaluate", tmp_path / "r", "-o", tmp_path / "ev", "--samples", "3"],
+                        capsys)
+    assert rc == 0, err
+    res = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert res["ood_dataset"] == "fashion_mnist"
+    # recompute from the checkpoint with a plain network holding the MAP weights
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    net = ex.build_network(state["config"]["model"], (1, 28, 28), 10)
+    net.load_state_dict({k[len("model."):]: v for k, v in state["model"].items()
+                         if k.startswith("model.")})
+    from pyvarinf2.data import load_image_dataset
+    test = load_image_dataset("mnist", data_dir, parts=("test",))
+    fashion = load_image_dataset("fashion_mnist", data_dir, parts=("test",))
+    with torch.no_grad():
+        p_in = torch.softmax(net(test.x_test[:500]), -1).double()
+        p_out = torch.softmax(net(fashion.x_test[:500]), -1).double()
+    y = test.y_test[:500]
+    assert res["accuracy"] == pytest.approx(float((p_in.argmax(1) == y).double().mean()),
+                                            abs=1e-12)
+    assert res["nll"] == pytest.approx(float(-torch.log(p_in[torch.arange(500), y]).mean()),
+                                       rel=1e-5)
+    ent = lambda p: -(p * torch.log(p.clamp_min(1e-12))).sum(1).numpy()  # noqa: E731
+    assert res["ood_auroc"] == pytest.approx(metrics.ood_auroc(ent(p_in), ent(p_out)),
+                                             abs=1e-3)
+    assert res["accuracy"] > 0.8 and res["ood_auroc"] > 0.6
+    assert 0 <= res["ece"] < 0.2 and 0 < res["brier"] < 0.4
+    for name in ("reliability.png", "entropy_histogram.png", "training_curves.png"):
+        assert _is_png(tmp_path / "ev" / name), name
+
+
+# ------------------------------------------------------------------------------ UCI table
+def test_regression_table_parallel_and_resumable(tmp_path, capsys, data_dir):
+    res = tmp_path / "res"
+    base = ["regression-table", "--datasets", "yacht", "--methods", "map,bbb", "--epochs", "2",
+            "--data-dir", data_dir, "-o", res, "--workers", "2", "--no-progress"]
+    rc, out, err = _run(base + ["--splits", "2"], capsys)
+    assert rc == 0, err + out
+    with open(res / "uci_regression.csv") as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == ["dataset", "method", "n_splits", "rmse_mean", "rmse_se",
+                                     "ll_mean", "ll_se"]
+        rows = {r["method"]: r for r in reader}
+    assert set(rows) == {"map", "bbb"}
+    for method, row in rows.items():
+        recs = [json.loads((res / "uci_splits" / "yacht" / method / f"split_{s}.json")
+                           .read_text()) for s in range(2)]
+        assert [r["split"] for r in recs] == [0, 1] and row["n_splits"] == "2"
+        rm = np.array([r["rmse"] for r in recs])
+        ll = np.array([r["ll"] for r in recs])
+        assert float(row["rmse_mean"]) == pytest.approx(rm.mean(), rel=1e-5)
+        assert float(row["rmse_se"]) == pytest.approx(rm.std(ddof=1) / math.sqrt(2), rel=1e-5)
+        assert float(row["ll_mean"]) == pytest.approx(ll.mean(), rel=1e-5)
+        assert float(row["ll_se"]) == pytest.approx(ll.std(ddof=1) / math.sqrt(2), rel=1e-5)
+        assert recs[0]["rmse"] != recs[1]["rmse"]  # different splits, different results
+    # a worker's split result is what an in-process run of the same config gives
+    rec = json.loads((res / "uci_splits" / "yacht" / "bbb" / "split_1.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        again = ex.run_uci_split(rec["config"], data_dir)
+    finally:
+        torch.set_num_threads(threads)
+    assert again["rmse"] == pytest.approx(rec["rmse"], rel=1e-4)
+    assert again["ll"] == pytest.approx(rec["ll"], rel=1e-4)
+    # re-running skips the finished splits; one more split runs only the new ones
+    stamp = {p: p.stat().st_mtime_ns for p in (res / "uci_splits").rglob("*.json")}
+    base[base.index("--workers") + 1] = "1"  # (in-process this time: no worker start-up)
+    rc, out, err = _run(base + ["--splits", "3"], capsys)
+    assert rc == 0, err
+    assert "4 of 6 split results already present; running 2" in out
+    assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())
+    with open(res / "uci_regression.csv") as fh:
+        assert {r["n_splits"] for r in csv.DictReader(fh)} == {"3"}
+
+
+def test_uci_protocol_configs():
+    for d in UCI_DATASETS:
+        cfg = ex.resolve_config(ex.uci_config(d, "noisy_kfac"))
+        protein = d == "protein-tertiary-structure"
+        assert cfg["model"]["hidden"] == [100 if protein else 50]
+        assert cfg["batch_size"] == (100 if protein else 10)
+        assert (cfg["epochs"], cfg["train_samples"], cfg["test_samples"]) == (1000, 10, 100)
+        assert cfg["noise_prior"] == [6.0, 6.0] and cfg["prior"]["std"] == 1.0
+        assert cfg["kl_weight"] == 1.0
+
+
+def test_config_files_are_complete_valid_and_up_to_date():
+    spec = importlib.util.spec_from_file_location("generate_configs",
+                                                  ROOT / "configs" / "generate.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.main(["--check"]) == 0, "configs/ is stale: run python configs/generate.py"
+    files = sorted((ROOT / "configs").rglob("*.json"))
+    seen = set()
+    for path in files:
+        cfg = ex.resolve_config(ex.load_config(path), where=str(path))
+        seen.add((cfg["method"], cfg["dataset"]))
+    for m in ex.METHODS:
+        for d in list(UCI_DATASETS) + list(IMAGE_DATASETS) + ["embedded"]:
+            assert (m, d) in seen, (m, d)
+
+
+# ------------------------------------------------------------------------------ noise model
+def test_observation_noise_kl_and_expected_nll():
+    noise = ex.ObservationNoise(6.0, 6.0)
+    with torch.no_grad():
+        noise.log_alpha.fill_(math.log(20.0))
+        noise.log_beta.fill_(math.log(3.0))
+    q = torch.distributions.Gamma(torch.tensor(20.0), torch.tensor(3.0))
+    p = torch.distributions.Gamma(torch.tensor(6.0), torch.tensor(6.0))
+    assert noise.kl().item() == pytest.approx(torch.distributions.kl_divergence(q, p).item(),
+                                              rel=1e-5)
+    # E_q[-log N(y; f, 1/tau)] against a Monte-Carlo average over tau
+    torch.manual_seed(0)
+    f, y = torch.tensor([0.3, -1.0]), torch.tensor([0.5, 0.2])
+    tau = q.sample((400000,)).double().unsqueeze(1)
+    mc = (-0.5 * torch.log(tau) + 0.5 * math.log(2 * math.pi)
+          + 0.5 * tau * ((y - f) ** 2).double().unsqueeze(0)).mean()
+    assert noise.expected_nll(f, y).item() == pytest.approx(mc.item(), rel=2e-3)
+    # at the prior the KL is zero
+    assert ex.ObservationNoise(6.0, 6.0).kl().item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_metrics_go_to_tensorboard_when_available(tmp_path, capsys, monkeypatch):
+    calls = []
+
+    class Recorder:
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            calls.append("closed")
+
+    monkeypatch.setattr(ex, "_tensorboard_writer", lambda out_dir: Recorder())
+    rc, _, err = _run(["train", "-o", tmp_path / "r", "--epochs", "2"] + TINY, capsys)
+    assert rc == 0, err
+    with open(tmp_path / "r" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    logged = {(t, s): v for t, v, s in calls[:-1]}
+    assert calls[-1] == "closed"
+    for row in rows:
+        for key in ("train_nll", "train_loss", "test_rmse", "test_ll"):
+            assert logged[(key, int(row["epoch"]))] == pytest.approx(float(row[key]), rel=1e-8)
