@@ -1,0 +1,124 @@
+"""Noisy Adam (Zhang, Sun, Duvenaud & Grosse, ICML 2018): natural-gradient VI with a fully
+factorised Gaussian posterior, written as an Adam-like update."""
+import math
+
+import torch
+
+from ._base import check_beta, check_nonnegative, check_positive
+from ._diagonal import DiagonalVariationalOptimizer, add_damping
+
+__all__ = ["NoisyAdam"]
+
+
+class NoisyAdam(DiagonalVariationalOptimizer):
+    r"""Noisy Adam: a mean-field Gaussian posterior trained by noisy natural gradient.
+
+    With N = ``dataset_size``, λ = ``kl_weight``, π the prior precision of each weight and the
+    intrinsic damping ``γ_in = λ π / N``, each step, at the weights θ = μ + σ ε the model drew in
+    its forward pass, does (Zhang et al. 2018, Algorithm 1)::
+
+        v = ∇_θ NLL(θ) + γ_in (μ - m0)                 # mean NLL of the minibatch + the prior
+        m ← β1 m + (1 - β1) v
+        f ← β2 f + (1 - β2) · (1/B) Σ_i g_i(θ)²       # per-example (empirical) Fisher diagonal
+        f̂ = f / (1 - β2^k)                             # bias correction (see below)
+        μ ← μ - α · (m / (1 - β1^k)) / (f̂ + γ_in + γ_ex)
+        σ² = λ / (N (f̂ + γ_in))                        # written to the model
+
+    so the posterior precision is ``N f̂ / λ + π`` (data + prior). The Fisher uses the squared
+    *per-example* gradients g_i (given labels: the empirical Fisher), computed in closed form
+    from the same backward pass (:mod:`pyvarinf2.curvature`) — not the squared minibatch
+    gradient, which underestimates the Fisher up to B-fold and inflates the posterior variance.
+
+    ``f`` starts at 0, so the posterior starts at the prior (σ² = 1/π). The paper's update uses
+    ``f`` itself, which after k steps is only ``(1 - β2^k)`` of the Fisher: the posterior stays
+    near the prior for ~1/(1 - β2) steps and the first mean steps, damped by γ_in alone, are
+    large (for a bias with a N(0, 1) prior and N = 10⁴, γ_in = 10⁻⁴). With
+    ``fisher_bias_correction=True`` (default) f̂ is Adam's bias-corrected average instead; on
+    the 784-200-10 MNIST MLP (3 epochs of 10k images) that is the difference between 64% and
+    84% test accuracy at λ = 1. ``False`` gives the paper's update. The Gaussian prior's
+    gradient is taken at the mean μ (the expectation of the paper's γ_in θ over the sample);
+    other priors enter as described in :mod:`pyvarinf2.optim._diagonal`.
+
+    Args:
+        var_model: the :class:`~pyvarinf2.VariationalModel` to train (mean-field posteriors).
+        lr: α (default 1e-2; a fraction of a Newton step, not an Adam step size).
+        betas: (β1, β2) for the gradient momentum and the Fisher average (0.9, 0.999).
+        dataset_size: N, the number of training examples (required).
+        kl_weight: λ (1 = the ELBO; < 1 tempers the posterior, e.g. 0.1 with data
+            augmentation or small data sets).
+        extrinsic_damping: γ_ex added to the denominator of the mean step only (default 0).
+        fisher_bias_correction: divide f by 1 - β2^k (default True; False: the paper's update).
+        mc_samples: weight samples per ``step(closure)`` (default 1).
+
+    One MC sample per step in the usual loop (``zero_grad``, forward, ``backward``, ``step``);
+    ``step(closure)`` averages the gradients and Fisher estimates of ``mc_samples`` samples
+    (the closure must zero the gradients, run the forward and backward, and return the loss).
+    """
+
+    needs_per_example = True
+
+    def __init__(self, var_model, lr=1e-2, betas=(0.9, 0.999), *, dataset_size, kl_weight=1.0,
+                 extrinsic_damping=0.0, fisher_bias_correction=True, mc_samples=1):
+        check_positive("lr", lr)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        check_beta("betas[0]", betas[0])
+        check_beta("betas[1]", betas[1])
+        check_nonnegative("extrinsic_damping", extrinsic_damping)
+        if not isinstance(fisher_bias_correction, bool):
+            raise ValueError("fisher_bias_correction must be True or False, got "
+                             f"{fisher_bias_correction!r}")
+        defaults = dict(lr=lr, betas=(float(betas[0]), float(betas[1])),
+                        extrinsic_damping=float(extrinsic_damping),
+                        fisher_bias_correction=fisher_bias_correction)
+        super().__init__(var_model, defaults, dataset_size, kl_weight=kl_weight,
+                         mc_samples=mc_samples)
+
+    def _initial_state(self, p, group):
+        return {"step": 0, "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "fisher": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    def _curvature_key(self):
+        return "fisher"
+
+    def _curvature_denominator(self, group, state, step):
+        bc = 1.0 - group["betas"][1] ** step if step > 0 and group["fisher_bias_correction"] \
+            else 1.0
+        return state["fisher"], bc
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update from the last backward (or from ``closure``, called ``mc_samples``
+        times). Returns the closure's mean loss, if any."""
+        collected, loss = self._collect(closure)
+        for group, (params, stats, priors) in zip(self.param_groups, collected):
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            lr, gamma_ex = group["lr"], group["extrinsic_damping"]
+            states = [self.state[p] for p in params]
+            steps = [s["step"] + 1 for s in states]
+            terms = self._prior_gradient_terms(group, priors, stats)
+            v = self._add_prior(stats["grad"], params, terms)
+            exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], v, 1.0 - beta1)
+            fisher = torch._foreach_lerp([s["fisher"] for s in states], stats["sq"], 1.0 - beta2)
+            # with bias correction f̂ = f / bc2: f̂ + γ = (f + bc2 γ) / bc2, so the denominators
+            # are kept multiplied by bc2 (bc2 = 1 without correction)
+            if group["fisher_bias_correction"]:
+                bc2 = [1.0 - beta2 ** k for k in steps]
+            else:
+                bc2 = [1.0] * len(steps)
+            denom_post = add_damping(fisher, self._dampings(group, priors), bc2)
+            if gamma_ex > 0:
+                denom_mean = [torch.add(d, gamma_ex * b) for d, b in zip(denom_post, bc2)]
+            else:
+                denom_mean = denom_post
+            new_means = torch._foreach_addcdiv(
+                params, exp_avg, denom_mean,
+                [-lr * b / (1.0 - beta1 ** k) for b, k in zip(bc2, steps)])
+            self._check(max(steps), params, new_means, denom_post)
+            new_states = [{"step": k, "exp_avg": m, "fisher": f}
+                          for k, m, f in zip(steps, exp_avg, fisher)]
+            self._commit(group, params, new_means, denom_post, [0.5 * math.log(b) for b in bc2],
+                         new_states)
+        return loss

@@ -1,0 +1,354 @@
+"""Per-example squared gradients against an autograd loop over the examples, and the
+reparameterisation Hessian estimate."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pyvarinf2
+from pyvarinf2.curvature import (PerExampleSquaredGradients, per_example_squared_gradients,
+                                 reparam_hessian_estimate)
+
+
+def loop_reference(model, loss_fn, x, y, names=None, reduction_scale=1.0):
+    """Σ_i g_i² from B separate backward passes (example i alone in the batch)."""
+    params = dict(model.named_parameters())
+    names = names or [n for n, p in params.items() if p.requires_grad]
+    out = {n: torch.zeros_like(params[n]) for n in names}
+    for i in range(x.shape[0]):
+        loss = loss_fn(model(x[i:i + 1]), y[i:i + 1]) * reduction_scale
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        for n, g in zip(names, grads):
+            if g is not None:
+                out[n] += g * g
+    return out
+
+
+def assert_close_dict(got, ref, rtol=1e-9, atol=1e-12):
+    assert set(got) == set(ref), (sorted(got), sorted(ref))
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=rtol, atol=atol, msg=n)
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y)
+
+
+class Flatten(nn.Module):
+    def forward(self, x):
+        return x.reshape(x.shape[0], -1)
+
+
+def check_model(model, x, y, loss_fn=ce, **kw):
+    model = model.double()
+    x = x.double() if x.is_floating_point() else x
+    sums, batch = per_example_squared_gradients(model, lambda out: loss_fn(out, y), x, **kw)
+    ref = loop_reference(model, loss_fn, x, y)
+    assert batch == x.shape[0]
+    assert_close_dict(sums, ref)
+    # the collector leaves the ordinary gradients of the mean loss in .grad
+    return sums
+
+
+def test_linear_matches_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3))
+    check_model(model, torch.randn(9, 7), torch.randint(0, 3, (9,)))
+
+
+def test_linear_bias_false_and_sequence_dims():
+    torch.manual_seed(1)
+
+    class SeqModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6, bias=False)
+            self.b = nn.Linear(6, 3)
+
+        def forward(self, x):            # x: (B, T, 4); the time steps are summed per example
+            return self.b(torch.tanh(self.a(x))).mean(1)
+
+    check_model(SeqModel(), torch.randn(5, 8, 4), torch.randint(0, 3, (5,)))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(stride=2, padding=1), dict(dilation=2, padding=2),
+                                dict(groups=2, padding=1, bias=False), dict(stride=2),
+                                dict(stride=(2, 3), dilation=(1, 2), padding=(0, 1))])
+def test_conv2d_matches_loop(kw):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, **kw), nn.ReLU(), Flatten())
+    with torch.no_grad():
+        n_out = model(torch.zeros(1, 4, 10, 10)).shape[1]
+    model.append(nn.Linear(n_out, 3))
+    check_model(model, torch.randn(6, 4, 10, 10), torch.randint(0, 3, (6,)))
+
+
+def test_conv1d_matches_loop():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv1d(3, 4, 3, stride=2, padding=1), nn.ReLU(), Flatten(),
+                          nn.Linear(4 * 5, 2))
+    check_model(model, torch.randn(5, 3, 10), torch.randint(0, 2, (5,)))
+
+
+def test_batchnorm_eval_matches_loop():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), Flatten(),
+                          nn.Linear(3 * 16, 4), nn.BatchNorm1d(4))
+    model.double()
+    with torch.no_grad():          # non-trivial running statistics and affine parameters
+        for _ in range(3):
+            model(torch.randn(8, 2, 6, 6, dtype=torch.float64) * 2 + 1)
+        for m in model:
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.normal_()
+                m.bias.normal_()
+    model.eval()
+    check_model(model, torch.randn(7, 2, 6, 6), torch.randint(0, 4, (7,)))
+
+
+def test_batchnorm_train_uses_batch_statistics_as_constants():
+    torch.manual_seed(5)
+    conv, bn, fc = nn.Conv2d(2, 3, 3).double(), nn.BatchNorm2d(3).double(), \
+        nn.Linear(3 * 16, 4).double()
+    with torch.no_grad():
+        bn.weight.normal_()
+        bn.bias.normal_()
+    model = nn.Sequential(conv, bn, nn.ReLU(), Flatten(), fc).train()
+    x = torch.randn(6, 2, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,))
+    sums, _ = per_example_squared_gradients(model, lambda o: ce(o, y), x,
+                                            param_names=["1.weight", "1.bias"])
+    with torch.no_grad():
+        h = conv(x)
+        mean, var = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
+    ref = {"1.weight": torch.zeros(3, dtype=torch.float64),
+           "1.bias": torch.zeros(3, dtype=torch.float64)}
+    for i in range(6):
+        hi = F.batch_norm(conv(x[i:i + 1]), mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        loss = ce(fc(F.relu(hi).reshape(1, -1)), y[i:i + 1])
+        gw, gb = torch.autograd.grad(loss, [bn.weight, bn.bias])
+        ref["1.weight"] += gw * gw
+        ref["1.bias"] += gb * gb
+    assert_close_dict(sums, ref)
+
+
+def test_layernorm_and_groupnorm_match_loop():
+    torch.manual_seed(6)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3)
+            self.gn = nn.GroupNorm(2, 4)
+            self.ln = nn.LayerNorm([4, 4])
+            self.fc = nn.Linear(64, 3)
+
+        def forward(self, x):
+            return self.fc(self.ln(torch.tanh(self.gn(self.conv(x)))).reshape(x.shape[0], -1))
+
+    m = M()
+    with torch.no_grad():
+        for p in list(m.gn.parameters()) + list(m.ln.parameters()):
+            p.normal_()
+    check_model(m, torch.randn(5, 2, 6, 6), torch.randint(0, 3, (5,)))
+
+
+def test_embedding_matches_loop_with_repeats_and_padding():
+    torch.manual_seed(7)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(6, 4, padding_idx=0)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, idx):
+            return self.fc(torch.tanh(self.emb(idx)).sum(1))
+
+    idx = torch.tensor([[1, 2, 2, 0], [3, 3, 3, 5], [0, 0, 4, 1], [5, 1, 2, 3]])
+    sums = check_model(M(), idx, torch.randint(0, 3, (4,)))
+    assert torch.all(sums["emb.weight"][0] == 0)        # padding row never gets a gradient
+
+
+def test_module_called_twice_adds_per_example_gradients_before_squaring():
+    torch.manual_seed(8)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Linear(5, 5)
+            self.out = nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.out(self.shared(torch.tanh(self.shared(x))))
+
+    check_model(Twice(), torch.randn(6, 5), torch.randint(0, 2, (6,)))
+
+
+class Scale(nn.Module):
+    """A user module with its own parameter and a child: handled by torch.func."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(n))
+        self.inner = nn.Linear(n, n)
+
+    def forward(self, x):
+        return self.inner(x) * self.scale + x.pow(2) * self.scale.sin()
+
+
+@pytest.mark.parametrize("kind", ["custom", "conv3d", "convtranspose2d", "prelu", "bilinear",
+                                  "gru", "lstm_seq_first", "attention"])
+def test_fallback_torch_func_matches_loop(kind):
+    torch.manual_seed(9)
+    if kind == "custom":
+        model, x = nn.Sequential(Scale(4), nn.Linear(4, 3)), torch.randn(5, 4)
+    elif kind == "conv3d":
+        model = nn.Sequential(nn.Conv3d(2, 3, 2), Flatten(), nn.Linear(3 * 27, 3))
+        x = torch.randn(4, 2, 4, 4, 4)
+    elif kind == "convtranspose2d":
+        model = nn.Sequential(nn.ConvTranspose2d(2, 3, 3, stride=2), Flatten(),
+                              nn.Linear(3 * 49, 3))
+        x = torch.randn(4, 2, 3, 3)
+    elif kind == "prelu":
+        model = nn.Sequential(nn.Linear(4, 6), nn.PReLU(6), nn.Linear(6, 3))
+        x = torch.randn(5, 4)
+    elif kind == "bilinear":
+        class Bi(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.bi = nn.Bilinear(4, 4, 3)
+
+            def forward(self, x):
+                return self.bi(x, x.flip(1))
+
+        model, x = Bi(), torch.randn(5, 4)
+    elif kind == "lstm_seq_first":
+        class Lstm(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn = nn.LSTM(3, 4)                 # (T, B, features)
+                self.fc = nn.Linear(4, 3)
+
+            def forward(self, x):
+                out, (h, c) = self.rnn(x.transpose(0, 1))
+                return self.fc(h[-1] + out.mean(0))
+
+        model, x = Lstm(), torch.randn(4, 5, 3)
+    elif kind == "attention":
+        class Att(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+                self.fc = nn.Linear(4, 3)
+
+            def forward(self, x):
+                out, w = self.att(x, x, x)
+                return self.fc(out.mean(1)) + w.sum((1, 2))[:, None]
+
+        model, x = Att(), torch.randn(5, 6, 4)
+    else:
+        class Rnn(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn = nn.GRU(3, 4, batch_first=True)
+                self.fc = nn.Linear(4, 3)
+
+            def forward(self, x):
+                out, _ = self.rnn(x)
+                return self.fc(out[:, -1])
+
+        model, x = Rnn(), torch.randn(4, 5, 3)
+    check_model(model, x, torch.randint(0, 3, (x.shape[0],)))
+
+
+def test_sum_reduction_and_subset_of_parameters():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    sums, _ = per_example_squared_gradients(
+        model, lambda o: F.cross_entropy(o, y, reduction="sum"), x,
+        param_names=["2.weight"], loss_reduction="sum")
+    ref = loop_reference(model, ce, x, y, names=["2.weight"])
+    assert_close_dict(sums, ref)
+    # the mean-reduction result differs by nothing, the wrong reduction by a factor B^2
+    wrong, _ = per_example_squared_gradients(
+        model, lambda o: F.cross_entropy(o, y, reduction="sum"), x, param_names=["2.weight"])
+    torch.testing.assert_close(wrong["2.weight"], 36 * ref["2.weight"])
+
+
+def test_not_the_squared_minibatch_gradient():
+    torch.manual_seed(11)
+    model = nn.Linear(6, 3).double()
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    sums, batch = per_example_squared_gradients(model, lambda o: ce(o, y), x)
+    fisher = sums["weight"] / batch
+    squared_mean_grad = model.weight.grad ** 2
+    # Jensen: the mean of squares exceeds the square of the mean, here by a lot
+    assert torch.all(fisher >= squared_mean_grad - 1e-12)
+    assert fisher.sum() > 5 * squared_mean_grad.sum()
+
+
+def test_variational_model_uses_sampled_weights():
+    torch.manual_seed(12)
+    from torch.func import functional_call
+    net2 = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    vm2 = pyvarinf2.variationalize(net2, init_std=0.5)
+    x2, y2 = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 2, (7,))
+    torch.manual_seed(321)
+    with PerExampleSquaredGradients(vm2) as sq2:
+        ce(vm2(x2), y2).backward()
+    assert sq2.batch_size == 7
+    torch.manual_seed(321)                 # the same draw again
+    sample2 = {n: t.detach().requires_grad_(True) for n, t in vm2.sample_parameters().items()}
+    ref2 = {n: torch.zeros_like(t) for n, t in sample2.items()}
+    for i in range(7):
+        loss = ce(functional_call(net2, sample2, (x2[i:i + 1],)), y2[i:i + 1])
+        for n, g in zip(sample2, torch.autograd.grad(loss, list(sample2.values()))):
+            ref2[n] += g * g
+    assert_close_dict(sq2.result(), ref2)
+    # at the means the answer differs (so the sample really was used)
+    mean_sums, _ = per_example_squared_gradients(net2, lambda o: ce(o, y2), x2)
+    assert not torch.allclose(mean_sums["0.weight"], ref2["0.weight"])
+
+
+def test_accumulates_over_forwards_until_reset_and_ignores_no_grad():
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
+    sq = PerExampleSquaredGradients(model).attach()
+    with torch.no_grad():
+        model(x)                                    # nothing recorded
+    ce(model(x[:4]), y[:4]).backward()
+    ce(model(x[4:]), y[4:]).backward()
+    assert sq.batch_size == 10
+    assert_close_dict(sq.result(), loop_reference(model, ce, x, y))
+    sq.reset()
+    assert sq.result() == {} and sq.batch_size == 0
+    model(x)                                        # forward without backward: dropped
+    assert sq.result() == {}
+    sq.detach()
+    ce(model(x), y).backward()
+    assert sq.result() == {}
+
+
+def test_bad_arguments():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        PerExampleSquaredGradients(model, loss_reduction="avg")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        PerExampleSquaredGradients(model, param_names=["nope"])
+    with pytest.raises(TypeError):
+        PerExampleSquaredGradients(object())
+
+
+def test_reparam_hessian_estimate_is_unbiased_on_a_quadratic():
+    torch.manual_seed(14)
+    h = torch.tensor([0.5, 2.0, 10.0], dtype=torch.float64)
+    mu = torch.tensor([1.0, -1.0, 0.3], dtype=torch.float64)
+    sigma = torch.tensor([0.1, 0.5, 1.0], dtype=torch.float64)
+    eps = torch.randn(200000, 3, dtype=torch.float64)
+    theta = mu + sigma * eps
+    grad = h * (theta - 0.2)                        # ∇ of ½ h (θ - 0.2)²
+    est = reparam_hessian_estimate(grad, eps, sigma).mean(0)
+    torch.testing.assert_close(est, h, rtol=0.02, atol=0.0)

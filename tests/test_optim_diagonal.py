@@ -1,0 +1,571 @@
+"""NoisyAdam, VOGN and IVON: exact posteriors of Bayesian linear regression, priors, resume,
+the non-finite guard, hyper-parameter validation, MNIST with the documented defaults."""
+import copy
+import gc
+import gzip
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pyvarinf2
+from pyvarinf2.optim import IVON, VOGN, NoisyAdam, NonFiniteError
+from pyvarinf2.priors import DistributionPrior, GaussianPrior
+
+OPTIMIZERS = [NoisyAdam, VOGN, IVON]
+IDS = ["NoisyAdam", "VOGN", "IVON"]
+
+
+# ----------------------------------------------------------------------------- helpers
+def blr_data(n=400, noise=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 3, generator=g, dtype=torch.float64) * torch.tensor(
+        [1.0, 0.5, 2.0], dtype=torch.float64)
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    y = X @ w + noise * torch.randn(n, generator=g, dtype=torch.float64)
+    return X, y, noise
+
+
+def exact_posterior(X, y, noise, prior_std, kl_weight=1.0):
+    """Optimum of E_q[log lik] - λ KL(q || p) over Gaussians: q ∝ p · lik^(1/λ); the
+    mean-field optimum has the exact mean and variances 1/diag(precision)."""
+    prec = (X.T @ X / (kl_weight * noise ** 2)
+            + torch.eye(X.shape[1], dtype=X.dtype) / prior_std ** 2)
+    mean = torch.linalg.solve(prec, X.T @ y / (kl_weight * noise ** 2))
+    return mean, 1.0 / torch.diag(prec)
+
+
+def empirical_fisher_fixed_point(X, y, noise, prior_std, mean, kl_weight=1.0, iters=200):
+    """Stds at the fixed point of the Gauss-Newton optimizers, whose curvature is the
+    *empirical* Fisher E_q[mean_i r_i(θ)² x_i² / σ⁴] (r_i = y_i - x_i θ): it equals X^T X/(Nσ²)
+    only when the residuals match the noise. E_q[r_i²] = (y_i - x_i μ)² + Σ_k x_ik² s_k²."""
+    n = X.shape[0]
+    s2 = torch.zeros(X.shape[1], dtype=X.dtype)
+    for _ in range(iters):
+        r2 = (y - X @ mean) ** 2 + (X ** 2) @ s2
+        f = (r2[:, None] * X ** 2).mean(0) / noise ** 4
+        s2 = 1.0 / (n * f / kl_weight + 1.0 / prior_std ** 2)
+    return s2.sqrt()
+
+
+def train_blr(cls, X, y, noise, prior, kl_weight=1.0, steps=1500, **kw):
+    torch.manual_seed(1)
+    vm = pyvarinf2.variationalize(nn.Linear(X.shape[1], 1, bias=False).double(), prior=prior)
+    opt = cls(vm, dataset_size=X.shape[0], kl_weight=kl_weight, **kw)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=steps // 4, gamma=0.3)
+    for _ in range(steps):
+        opt.zero_grad()
+        out = vm(X).squeeze(-1)
+        (0.5 * ((y - out) ** 2).mean() / noise ** 2).backward()   # mean Gaussian NLL
+        opt.step()
+        sched.step()
+    post = dict(vm.named_posteriors())["weight"]
+    return vm.model.weight.detach()[0].clone(), post.stddev.detach()[0].clone(), vm, opt
+
+
+BLR_SETTINGS = {NoisyAdam: dict(lr=0.1, betas=(0.9, 0.99)), VOGN: dict(lr=0.1, betas=(0.9, 0.99)),
+                IVON: dict(lr=0.1, betas=(0.9, 0.999), steps=2500)}
+# the Gauss-Newton optimizers use the empirical Fisher (squared per-example gradients at the
+# sampled weights): with N = 2000 well-fitting examples it matches X^T X / σ² to a few %;
+# IVON's reparameterisation estimate is unbiased for the Hessian
+SD_TOL = {NoisyAdam: 0.1, VOGN: 0.1, IVON: 0.08}
+
+
+def make_mlp(dtype=torch.float32):
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def toy_batch(n=32, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g).to(dtype)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return x, y
+
+
+def train_steps(vm, opt, n, x, y):
+    for _ in range(n):
+        opt.zero_grad()
+        F.cross_entropy(vm(x), y).backward()
+        opt.step()
+
+
+def snapshot(vm, opt):
+    return copy.deepcopy(vm.state_dict()), copy.deepcopy(opt.state_dict())
+
+
+# ----------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_bayesian_linear_regression_mean_field_optimum(cls):
+    X, y, noise = blr_data(n=2000)
+    mean, var = exact_posterior(X, y, noise, prior_std=1.0)
+    mu, sd = train_blr(cls, X, y, noise, GaussianPrior(std=1.0), **BLR_SETTINGS[cls])[:2]
+    sd_star = var.sqrt()
+    # posterior mean within a quarter posterior std, stds within the stated tolerance
+    assert torch.all((mu - mean).abs() < 0.25 * sd_star), ((mu - mean) / sd_star)
+    assert torch.all((sd / sd_star - 1).abs() < SD_TOL[cls]), sd / sd_star
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_prior_change_moves_posterior_to_the_new_exact_one(cls):
+    X, y, noise = blr_data(n=200, seed=3)           # few data: the prior matters
+    results = {}
+    for prior_std in (1.0, 0.05):
+        mean, var = exact_posterior(X, y, noise, prior_std)
+        mu, sd = train_blr(cls, X, y, noise, GaussianPrior(std=prior_std),
+                           **BLR_SETTINGS[cls])[:2]
+        assert torch.all((mu - mean).abs() < 0.25 * var.sqrt()), (prior_std, mu, mean)
+        tol = 0.1
+        if cls is IVON:
+            # IVON's estimate ĝ ε / σ carries the term ∇NLL(μ) ε / σ, zero-mean but large when
+            # the prior balances a large likelihood gradient at the mean (tight prior)
+            target, tol = var.sqrt(), (0.1 if prior_std == 1.0 else 0.3)
+        else:
+            # the empirical Fisher overstates the curvature when the prior keeps the fit poor
+            # (residuals > noise): sd 0.6x the exact one at prior_std=0.05 here. Its own fixed
+            # point is predicted exactly:
+            target = empirical_fisher_fixed_point(X, y, noise, prior_std, mean)
+        assert torch.all((sd / target - 1).abs() < tol), (prior_std, sd / target)
+        results[prior_std] = (mu, sd)
+    # the tight prior shrinks the mean and the std, by a lot
+    assert results[0.05][0].abs().sum() < 0.7 * results[1.0][0].abs().sum()
+    assert torch.all(results[0.05][1] < results[1.0][1])
+    assert (results[0.05][1] / results[1.0][1]).min() < 0.8
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_non_gaussian_prior_enters_through_its_gradient(cls):
+    X, y, noise = blr_data(n=40, seed=3)
+    mu_g = train_blr(cls, X, y, noise, GaussianPrior(std=0.5), **BLR_SETTINGS[cls])[0]
+    laplace = DistributionPrior(torch.distributions.Laplace(0.0, 0.02))
+    mu_l = train_blr(cls, X, y, noise, laplace, **BLR_SETTINGS[cls])[0]
+    _, var = exact_posterior(X, y, noise, 0.5)
+    # a sharp Laplace prior pulls every coefficient towards 0, the weakly determined ones by
+    # many posterior standard deviations
+    assert torch.all(mu_l.abs() < mu_g.abs())
+    assert ((mu_g - mu_l).abs() / var.sqrt()).max() > 5
+    assert mu_l.abs().sum() < 0.7 * mu_g.abs().sum()
+
+
+def test_kl_weight_tempers_the_posterior():
+    X, y, noise = blr_data(n=2000, seed=5)
+    mean, var = exact_posterior(X, y, noise, 1.0, kl_weight=0.25)
+    mu, sd = train_blr(IVON, X, y, noise, GaussianPrior(std=1.0), kl_weight=0.25,
+                       **BLR_SETTINGS[IVON])[:2]
+    assert torch.all((mu - mean).abs() < 0.3 * var.sqrt())
+    assert torch.all((sd / var.sqrt() - 1).abs() < 0.1), sd / var.sqrt()
+    # and λ = 1 would have been twice as wide
+    assert torch.all(sd < 0.6 * exact_posterior(X, y, noise, 1.0)[1].sqrt())
+
+
+def test_noisy_adam_fisher_is_per_example_not_squared_minibatch_gradient():
+    torch.manual_seed(0)
+    net = make_mlp(torch.float64)
+    vm = pyvarinf2.variationalize(net)
+    opt = NoisyAdam(vm, dataset_size=1000)
+    x, y = toy_batch(16, torch.float64)
+    vm2 = copy.deepcopy(vm)
+    torch.manual_seed(7)
+    opt.zero_grad()
+    F.cross_entropy(vm(x), y).backward()
+    grad = net[2].weight.grad.clone()
+    opt.step()
+    # redo the same draw by hand: the Fisher is (1 - β2) · mean_i g_i² at the sample
+    torch.manual_seed(7)
+    net = vm2.model
+    sample = {n: t.detach().requires_grad_(True) for n, t in vm2.sample_parameters().items()}
+    ref = torch.zeros_like(grad)
+    from torch.func import functional_call
+    for i in range(16):
+        loss = F.cross_entropy(functional_call(net, sample, (x[i:i + 1],)), y[i:i + 1])
+        (g,) = torch.autograd.grad(loss, [sample["2.weight"]])
+        ref += g * g / 16
+    fisher = opt.state[vm.model[2].weight]["fisher"]
+    torch.testing.assert_close(fisher, 1e-3 * ref, rtol=1e-10, atol=1e-14)
+    assert not torch.allclose(fisher, 1e-3 * grad ** 2)
+
+
+# ----------------------------------------------------------------------------- ownership
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_initial_scales_follow_prior_and_state(cls):
+    net = make_mlp()
+    vm = pyvarinf2.variationalize(net)
+    opt = cls(vm, dataset_size=500, kl_weight=0.5)
+    for name, post in vm.named_posteriors():
+        prior_var = GaussianPrior.default_std(post.stddev.shape) ** 2
+        if cls is IVON:
+            delta = 0.5 / (500 * prior_var)
+            expected = 1.0 / math.sqrt((500 / 0.5) * (1.0 + delta))
+        else:
+            expected = math.sqrt(prior_var)      # f = 0: the prior
+        torch.testing.assert_close(post.stddev, torch.full_like(post.stddev, expected),
+                                   rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_model_alone_predicts_and_saves_after_training(cls, tmp_path):
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(make_mlp())
+    opt = cls(vm, dataset_size=200)
+    x, y = toy_batch()
+    train_steps(vm, opt, 20, x, y)
+    path = tmp_path / "model.pt"
+    torch.save(vm.state_dict(), path)
+    stds = {n: p.stddev.detach().clone() for n, p in vm.named_posteriors()}
+    del opt
+    fresh = pyvarinf2.variationalize(make_mlp())
+    fresh.load_state_dict(torch.load(path))
+    for n, p in fresh.named_posteriors():
+        assert torch.equal(p.stddev, stds[n])
+    fresh.eval()
+    vm.eval()
+    assert torch.equal(fresh(x), vm(x))
+    fresh.train()
+    vm.train()
+    torch.manual_seed(3)
+    a = fresh(x)
+    torch.manual_seed(3)
+    b = vm(x)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_scales_written_match_the_state(cls):
+    torch.manual_seed(0)
+    net = make_mlp(torch.float64)
+    vm = pyvarinf2.variationalize(net)
+    opt = cls(vm, dataset_size=300, kl_weight=0.7)
+    x, y = toy_batch(dtype=torch.float64)
+    train_steps(vm, opt, 5, x, y)
+    p = net[0].weight
+    st = opt.state[p]
+    prec = GaussianPrior.default_std(p.shape) ** -2
+    delta = 0.7 * prec / 300
+    if cls is IVON:
+        c = st["hess"]
+    elif cls is VOGN:
+        c = st["ggn"] / (1 - 0.999 ** st["step"])
+    else:
+        c = st["fisher"] / (1 - 0.999 ** st["step"])
+    expected = torch.sqrt(0.7 / (300 * (c + delta)))
+    post = dict(vm.named_posteriors())["0.weight"]
+    torch.testing.assert_close(post.stddev, expected, rtol=1e-10, atol=0)
+
+
+# ----------------------------------------------------------------------------- conventions
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_resume_is_bit_identical(cls):
+    x, y = toy_batch()
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(make_mlp())
+    opt = cls(vm, dataset_size=200)
+    train_steps(vm, opt, 7, x, y)
+    model_sd, opt_sd = snapshot(vm, opt)
+    rng = torch.get_rng_state()
+    train_steps(vm, opt, 6, x, y)
+    expected = copy.deepcopy(vm.state_dict())
+
+    vm2 = pyvarinf2.variationalize(make_mlp())
+    opt2 = cls(vm2, dataset_size=200)
+    vm2.load_state_dict(model_sd)
+    opt2.load_state_dict(opt_sd)
+    torch.set_rng_state(rng)
+    train_steps(vm2, opt2, 6, x, y)
+    got = vm2.state_dict()
+    for k, v in expected.items():
+        if torch.is_tensor(v):
+            assert torch.equal(got[k], v), k
+    # and the order of loading does not matter (the scales follow the optimizer state)
+    vm3 = pyvarinf2.variationalize(make_mlp())
+    vm3.load_state_dict(model_sd)
+    opt3 = cls(vm3, dataset_size=200)
+    opt3.load_state_dict(opt_sd)
+    for k, v in model_sd.items():
+        if torch.is_tensor(v):
+            assert torch.equal(vm3.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_non_finite_step_is_refused_and_changes_nothing(cls):
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(make_mlp())
+    opt = cls(vm, dataset_size=200)
+    x, y = toy_batch()
+    train_steps(vm, opt, 3, x, y)
+    before_model = copy.deepcopy(vm.state_dict())
+    before_opt = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    (F.cross_entropy(vm(x), y) * float("nan")).backward()
+    with pytest.raises(NonFiniteError, match=r"step 4: the mean of 0\.weight .*non-finite.*"
+                                             r"lower lr"):
+        opt.step()
+    for k, v in before_model.items():
+        if torch.is_tensor(v):
+            assert torch.equal(vm.state_dict()[k], v), k
+    after_opt = opt.state_dict()
+    for i, st in before_opt["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                assert torch.equal(after_opt["state"][i][k], v), (i, k)
+            else:
+                assert after_opt["state"][i][k] == v
+    # the run can go on from there
+    train_steps(vm, opt, 2, x, y)
+    assert all(torch.isfinite(p).all() for p in vm.parameters())
+
+
+def test_non_finite_curvature_is_named():
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(make_mlp())
+    opt = VOGN(vm, dataset_size=200)
+    x, y = toy_batch()
+    opt.zero_grad()
+    F.cross_entropy(vm(x) * 1e30, y).backward()        # squares overflow, gradients do not
+    with pytest.raises(NonFiniteError, match="VOGN step 1"):
+        opt.step()
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_lr_scheduler_drives_the_step(cls):
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(make_mlp(torch.float64))
+    opt = cls(vm, dataset_size=200)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 1e-4)
+    x, y = toy_batch(dtype=torch.float64)
+    w0 = vm.model[0].weight.detach().clone()
+    train_steps(vm, opt, 1, x, y)
+    first = (vm.model[0].weight - w0).abs().max()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(opt.defaults["lr"] * 1e-4)
+    w1 = vm.model[0].weight.detach().clone()
+    train_steps(vm, opt, 1, x, y)
+    second = (vm.model[0].weight - w1).abs().max()
+    assert 0 < second < 1e-2 * first
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_closure_with_several_samples(cls):
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(make_mlp())
+    opt = cls(vm, dataset_size=200, mc_samples=3)
+    x, y = toy_batch()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = F.cross_entropy(vm(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert len(calls) == 3 and torch.isfinite(loss)
+    # averaging over samples: the curvature of a 3-sample step differs from a 1-sample step
+    torch.manual_seed(0)
+    vm1 = pyvarinf2.variationalize(make_mlp())
+    opt1 = cls(vm1, dataset_size=200, mc_samples=1)
+
+    def closure1():
+        opt1.zero_grad()
+        loss = F.cross_entropy(vm1(x), y)
+        loss.backward()
+        return loss
+
+    opt1.step(closure1)
+    key = {NoisyAdam: "fisher", VOGN: "ggn", IVON: "hess"}[cls]
+    p3, p1 = vm.model[0].weight, vm1.model[0].weight
+    assert not torch.equal(opt.state[p3][key], opt1.state[p1][key])
+
+
+class Odd(nn.Module):
+    """Parameters of odd shapes used through a user module (torch.func path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.cube = nn.Parameter(torch.randn(2, 3, 4) * 0.1)
+
+    def forward(self, x):                    # x: (B, 4)
+        return self.scale * torch.einsum("bk,ijk->bij", x, self.cube).reshape(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_any_shape_and_dtype(cls, dtype):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), Odd(), nn.Linear(6, 3)).to(dtype)
+    vm = pyvarinf2.variationalize(net)
+    opt = cls(vm, dataset_size=100)
+    x, y = toy_batch(dtype=dtype)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    train_steps(vm, opt, 3, x, y)
+    for n, p in net.named_parameters():
+        assert p.dtype == dtype and torch.isfinite(p).all()
+        assert not torch.equal(p, before[n]), n
+    for n, post in vm.named_posteriors():
+        assert post.stddev.shape == dict(net.named_parameters())[n].shape
+        assert torch.isfinite(post.stddev).all() and (post.stddev > 0).all()
+
+
+def test_per_example_hooks_go_away_with_the_optimizer():
+    vm = pyvarinf2.variationalize(make_mlp())
+    opt = VOGN(vm, dataset_size=100)
+    assert vm.model[0]._forward_hooks
+    del opt
+    gc.collect()
+    assert not vm.model[0]._forward_hooks
+    opt = NoisyAdam(vm, dataset_size=100)
+    opt.close()
+    assert not vm.model[0]._forward_hooks
+
+
+def test_parameter_used_outside_its_module_is_reported():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 3)
+            self.extra = nn.Parameter(torch.zeros(3))
+
+        def forward(self, x):
+            return self.a(x) + self.extra            # the root owns `extra`: fine (torch.func)
+
+    vm = pyvarinf2.variationalize(Tied())
+    opt = VOGN(vm, dataset_size=50)
+    x, y = toy_batch()
+    train_steps(vm, opt, 2, x, y)
+
+    class Outside(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 3)
+            self.b = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return F.linear(self.a(x), self.b.weight)    # b never called as a module
+
+    vm = pyvarinf2.variationalize(Outside())
+    opt = NoisyAdam(vm, dataset_size=50)
+    opt.zero_grad()
+    F.cross_entropy(vm(x), y).backward()
+    with pytest.raises(RuntimeError, match="b.weight.*no per-example gradients"):
+        opt.step()
+
+
+def test_needs_mean_field_posteriors_and_a_variational_model():
+    with pytest.raises(TypeError, match="VariationalModel"):
+        NoisyAdam(make_mlp(), dataset_size=10)
+
+
+# ----------------------------------------------------------------------------- validation
+BAD = [
+    ("lr", [0, -1e-3, float("nan"), float("inf"), "0.1", None, True]),
+    ("betas", [(0.9,), (1.0, 0.999), (0.9, 1.0), (-0.1, 0.9), (0.9, float("nan")), 0.9]),
+    ("dataset_size", [0, -5, 10.5, True, "100", None]),
+    ("kl_weight", [0, -1.0, float("nan"), float("inf")]),
+    ("mc_samples", [0, -1, 1.5, True]),
+]
+EXTRA_BAD = {
+    NoisyAdam: [("extrinsic_damping", [-1e-3, float("nan"), float("inf")]),
+                ("fisher_bias_correction", [1, "yes", None])],
+    VOGN: [],
+    IVON: [("hess_init", [-1.0, float("nan"), float("inf")]),
+           ("clip_radius", [0, -1.0, float("nan"), True])],
+}
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_every_bad_hyper_parameter_is_refused_before_anything_changes(cls):
+    vm = pyvarinf2.variationalize(make_mlp())
+    before = copy.deepcopy(vm.state_dict())
+    n_checked = 0
+    for name, values in BAD + EXTRA_BAD[cls]:
+        for value in values:
+            kwargs = {"dataset_size": 100, name: value}
+            with pytest.raises(ValueError, match=name.split("[")[0]):
+                cls(vm, **kwargs)
+            n_checked += 1
+    assert n_checked >= 25
+    for k, v in before.items():
+        if torch.is_tensor(v):
+            assert torch.equal(vm.state_dict()[k], v)
+    assert not vm.model[0]._forward_hooks           # nothing left attached by failed builds
+
+
+def test_dataset_size_is_required():
+    vm = pyvarinf2.variationalize(make_mlp())
+    for cls in OPTIMIZERS:
+        with pytest.raises(TypeError):
+            cls(vm)
+
+
+def test_ivon_weight_decay_mapping():
+    std = IVON.prior_std_for_weight_decay(1e-4, 50000)
+    assert std == pytest.approx(math.sqrt(1 / (50000 * 1e-4)))
+    vm = pyvarinf2.variationalize(make_mlp())
+    vm.set_prior("gaussian", std=std)
+    opt = IVON(vm, dataset_size=50000)
+    p = vm.model[0].weight
+    assert opt._damping(p, opt.param_groups[0]) == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="weight_decay"):
+        IVON.prior_std_for_weight_decay(0.0, 100)
+
+
+# ----------------------------------------------------------------------------- devices
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_cuda(cls):
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(make_mlp()).cuda()
+    opt = cls(vm, dataset_size=200)
+    x, y = (t.cuda() for t in toy_batch())
+    train_steps(vm, opt, 5, x, y)
+    for p in vm.parameters():
+        assert p.is_cuda and torch.isfinite(p).all()
+
+
+# ----------------------------------------------------------------------------- MNIST
+def read_idx(path):
+    with gzip.open(path) as fh:
+        data = fh.read()
+    nd = data[3]
+    shape = struct.unpack(">" + "I" * nd, data[4:4 + 4 * nd])
+    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=4 + 4 * nd).reshape(shape).copy())
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_mnist_documented_defaults(cls, data_dir):
+    """784-200-10 MLP, 3 epochs of 10k images, batch 128, the true ELBO (λ = 1) and every
+    optimizer hyper-parameter at its default, under the natural-gradient papers' prior
+    N(0, η I) with η = 1 (Zhang et al. 2018). PyVarInf's default prior (std 1/sqrt(fan_in), an
+    L2 penalty of 784/N on the first layer) is not used here: on 10k images it caps even the
+    converged MAP estimate at 88.3% test accuracy, so no method of that objective reaches 90%.
+    Measured (seed 0): posterior-mean accuracy NoisyAdam/VOGN 90.6%, IVON 90.9%; the 5-sample
+    MC predictive is ~1 point lower at this dataset size (a wide posterior), NoisyAdam 89.7%."""
+    root = data_dir / "mnist"
+    x = read_idx(root / "train-images-idx3-ubyte.gz")[:10000].float().div(255).reshape(-1, 784)
+    y = read_idx(root / "train-labels-idx1-ubyte.gz")[:10000].long()
+    xt = read_idx(root / "t10k-images-idx3-ubyte.gz").float().div(255).reshape(-1, 784)
+    yt = read_idx(root / "t10k-labels-idx1-ubyte.gz").long()
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(nn.Sequential(nn.Linear(784, 200), nn.ReLU(),
+                                                nn.Linear(200, 10)))
+    vm.set_prior("gaussian", std=1.0)
+    opt = cls(vm, dataset_size=len(x))
+    for _ in range(3):
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 128):
+            idx = perm[i:i + 128]
+            opt.zero_grad()
+            F.cross_entropy(vm(x[idx]), y[idx]).backward()
+            opt.step()
+    vm.eval()
+    with torch.no_grad():
+        acc = (vm(xt).argmax(1) == yt).float().mean().item()
+        vm.train()
+        probs = sum(F.softmax(vm(xt), 1) for _ in range(5)) / 5
+        acc_mc = (probs.argmax(1) == yt).float().mean().item()
+    assert acc >= 0.90, acc
+    assert acc_mc >= 0.885, acc_mc
