@@ -117,6 +117,13 @@ class VariationalModel(nn.Module):
         super().__init__()
         self.model = model
         self.posteriors = nn.Module()
+        self._posterior_cache = None  # [(key, posterior)], rebuilt when the tree changes
+        self._owners = {}  # parameter name -> (module, attribute), filled lazily
+        # functional_call's tie handling scans every parameter on every call: only pay for it
+        # when the model really has tied tensors
+        self._tied = (len(list(model.named_parameters(remove_duplicate=False))) != len(named)
+                      or len(list(model.named_buffers(remove_duplicate=False)))
+                      != len(list(model.named_buffers())))
         self._priors = {}
         self._sample_override = None
         self.record_noise = False
@@ -128,7 +135,13 @@ class VariationalModel(nn.Module):
             self._priors[name] = prior_obj
 
     # ----------------------------------------------------------------- structure
+    def __setattr__(self, name, value):
+        if name == "posteriors":
+            self.__dict__["_posterior_cache"] = None
+        super().__setattr__(name, value)
+
     def _attach(self, key, posterior):
+        self._posterior_cache = None
         parts = key.split(".")
         container = self.posteriors
         for part in parts[:-1]:
@@ -140,6 +153,7 @@ class VariationalModel(nn.Module):
         container.add_module(parts[-1], posterior)
 
     def _detach(self, key):
+        self._posterior_cache = None
         parts = key.split(".")
         container = self.posteriors
         for part in parts[:-1]:
@@ -182,9 +196,11 @@ class VariationalModel(nn.Module):
         """Yield ``(key, posterior)``; for the mean-field family the key is the parameter name.
 
         ``posterior.mean`` and ``posterior.stddev`` are tensors shaped like the parameter."""
-        for key, module in self.posteriors.named_modules():
-            if isinstance(module, Posterior):
-                yield key, module
+        if self._posterior_cache is None:
+            self._posterior_cache = [(key, module) for key, module in
+                                     self.posteriors.named_modules()
+                                     if isinstance(module, Posterior)]
+        return iter(self._posterior_cache)
 
     def posterior_parameters(self):
         """Names of the parameters that have a posterior, in model order."""
@@ -206,8 +222,10 @@ class VariationalModel(nn.Module):
         return self
 
     def _mean_of(self, name):
-        owner, attr = _resolve_owner(self.model, name)
-        return getattr(owner, attr)
+        entry = self._owners.get(name)
+        if entry is None:
+            entry = self._owners[name] = _resolve_owner(self.model, name)
+        return getattr(*entry)
 
     # ----------------------------------------------------------------- priors
     def prior_of(self, name):
@@ -318,7 +336,8 @@ class VariationalModel(nn.Module):
             params = self.sample_parameters()
         else:
             return self.model(*args, **kwargs)
-        return functional_call(self.model, params, args, kwargs, strict=False)
+        return functional_call(self.model, params, args, kwargs, strict=False,
+                               tie_weights=self._tied)
 
     # ----------------------------------------------------------------- export / persistence
     def mean_model(self):
