@@ -31,7 +31,7 @@ from ..posteriors import MeanFieldPosterior
 from ..variational import VariationalModel
 
 __all__ = ["NonFiniteError", "VariationalOptimizer", "check_positive", "check_nonnegative",
-           "check_beta", "check_positive_int"]
+           "check_beta", "check_betas", "check_positive_int"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -58,6 +58,13 @@ def check_beta(name, value):
     if not _is_real(value) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     return value
+
+
+def check_betas(betas, name="betas"):
+    """Validate a pair of decay rates in [0, 1); returns it as floats."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
+    return check_beta(f"{name}[0]", betas[0]) * 1.0, check_beta(f"{name}[1]", betas[1]) * 1.0
 
 
 def check_positive_int(name, value):

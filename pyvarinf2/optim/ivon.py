@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from ._base import check_beta, check_nonnegative, check_positive
+from ._base import check_betas, check_nonnegative, check_positive
 from ._diagonal import DiagonalVariationalOptimizer, add_damping
 
 __all__ = ["IVON"]
@@ -57,10 +57,7 @@ class IVON(DiagonalVariationalOptimizer):
     def __init__(self, var_model, lr=0.2, betas=(0.9, 0.99999), *, dataset_size, kl_weight=1.0,
                  hess_init=1.0, clip_radius=math.inf, mc_samples=1):
         check_positive("lr", lr)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        check_beta("betas[0]", betas[0])
-        check_beta("betas[1]", betas[1])
+        betas = check_betas(betas)
         check_nonnegative("hess_init", hess_init)
         if not (isinstance(clip_radius, (int, float)) and not isinstance(clip_radius, bool)
                 and clip_radius > 0 and clip_radius == clip_radius):

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from ._base import check_beta, check_nonnegative, check_positive
+from ._base import check_betas, check_nonnegative, check_positive
 from ._diagonal import DiagonalVariationalOptimizer, add_damping
 
 __all__ = ["NoisyAdam"]
@@ -60,10 +60,7 @@ class NoisyAdam(DiagonalVariationalOptimizer):
     def __init__(self, var_model, lr=1e-2, betas=(0.9, 0.999), *, dataset_size, kl_weight=1.0,
                  extrinsic_damping=0.0, fisher_bias_correction=True, mc_samples=1):
         check_positive("lr", lr)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        check_beta("betas[0]", betas[0])
-        check_beta("betas[1]", betas[1])
+        betas = check_betas(betas)
         check_nonnegative("extrinsic_damping", extrinsic_damping)
         if not isinstance(fisher_bias_correction, bool):
             raise ValueError("fisher_bias_correction must be True or False, got "

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ._base import check_beta, check_positive
+from ._base import check_betas, check_positive
 from ._diagonal import DiagonalVariationalOptimizer, add_damping
 
 __all__ = ["VOGN"]
@@ -46,10 +46,7 @@ class VOGN(DiagonalVariationalOptimizer):
     def __init__(self, var_model, lr=1e-2, betas=(0.9, 0.999), *, dataset_size, kl_weight=1.0,
                  mc_samples=1):
         check_positive("lr", lr)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        check_beta("betas[0]", betas[0])
-        check_beta("betas[1]", betas[1])
+        betas = check_betas(betas)
         defaults = dict(lr=lr, betas=(float(betas[0]), float(betas[1])))
         super().__init__(var_model, defaults, dataset_size, kl_weight=kl_weight,
                          mc_samples=mc_samples)
