@@ -1,6 +1,8 @@
 """pyvarinf2: variational Bayesian deep learning for PyTorch."""
 from . import optim, priors
 from .posteriors import MeanFieldPosterior, Posterior
+from . import kronecker
+from .kronecker import KroneckerPosterior, use_kronecker_posteriors
 from .priors import (ConjugateKnownMeanPrior, ConjugatePrior, DistributionPrior, GaussianPrior,
                      MixtureGaussianPrior, Prior, make_prior)
 from .variational import Sample, Variationalize, VariationalModel, variationalize
