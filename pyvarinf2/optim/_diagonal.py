@@ -80,7 +80,10 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
 
     # ------------------------------------------------------------------ subclass interface
     def _initial_state(self, p, group):
-        raise NotImplementedError
+        """Step count, momentum and a zero curvature estimate under :meth:`_curvature_key`
+        (subclasses that start the curvature elsewhere override this)."""
+        return {"step": 0, "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                self._curvature_key(): torch.zeros_like(p, memory_format=torch.preserve_format)}
 
     def _curvature_key(self):
         """Name of the state entry holding the curvature estimate ``c``."""

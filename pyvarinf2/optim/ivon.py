@@ -63,7 +63,7 @@ class IVON(DiagonalVariationalOptimizer):
                 and clip_radius > 0 and clip_radius == clip_radius):
             raise ValueError(f"clip_radius must be a number > 0 (math.inf: no clipping), got "
                              f"{clip_radius!r}")
-        defaults = dict(lr=lr, betas=(float(betas[0]), float(betas[1])),
+        defaults = dict(lr=lr, betas=betas,
                         hess_init=float(hess_init), clip_radius=float(clip_radius))
         super().__init__(var_model, defaults, dataset_size, kl_weight=kl_weight,
                          mc_samples=mc_samples)

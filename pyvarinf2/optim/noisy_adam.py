@@ -65,15 +65,11 @@ class NoisyAdam(DiagonalVariationalOptimizer):
         if not isinstance(fisher_bias_correction, bool):
             raise ValueError("fisher_bias_correction must be True or False, got "
                              f"{fisher_bias_correction!r}")
-        defaults = dict(lr=lr, betas=(float(betas[0]), float(betas[1])),
+        defaults = dict(lr=lr, betas=betas,
                         extrinsic_damping=float(extrinsic_damping),
                         fisher_bias_correction=fisher_bias_correction)
         super().__init__(var_model, defaults, dataset_size, kl_weight=kl_weight,
                          mc_samples=mc_samples)
-
-    def _initial_state(self, p, group):
-        return {"step": 0, "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "fisher": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
     def _curvature_key(self):
         return "fisher"

@@ -47,13 +47,9 @@ class VOGN(DiagonalVariationalOptimizer):
                  mc_samples=1):
         check_positive("lr", lr)
         betas = check_betas(betas)
-        defaults = dict(lr=lr, betas=(float(betas[0]), float(betas[1])))
+        defaults = dict(lr=lr, betas=betas)
         super().__init__(var_model, defaults, dataset_size, kl_weight=kl_weight,
                          mc_samples=mc_samples)
-
-    def _initial_state(self, p, group):
-        return {"step": 0, "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "ggn": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
     def _curvature_key(self):
         return "ggn"
