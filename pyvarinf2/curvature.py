@@ -49,6 +49,24 @@ Conventions:
 * Several forward/backward passes between two :meth:`reset` calls (gradient accumulation)
   accumulate: :meth:`result` sums over all examples seen and :attr:`batch_size` counts them.
 
+Which gradients (``fisher=``):
+
+* ``'empirical'`` (default): the gradients of the user's own loss, taken by hooks during the
+  user's ``backward()`` — ``S / B`` is the empirical Fisher diagonal.
+* ``'true'``: the gradients of ``(1/B) Σ_i NLL(f_i, ỹ_i)`` with labels ``ỹ_i`` drawn from the
+  model's own predictive (``likelihood='categorical'``: ``ỹ ~ softmax(f)``; ``'gaussian'``:
+  ``ỹ ~ N(f, obs_noise²)``). A hook on the root model runs one extra ``torch.autograd.grad``
+  *inside the forward*, with only the hooked layers' outputs as inputs (no weight gradients),
+  and the squares are formed at once; the user's backward is untouched. ``S / B`` is then a
+  one-sample Monte-Carlo estimate of the diagonal of the *true* Fisher, which for these
+  likelihoods equals the generalised Gauss-Newton matrix ``Jᵀ ∇²ℓ J`` — the expected Hessian
+  that the natural-gradient VI fixed point asks for. The empirical Fisher is not: for an
+  example the model already fits with probability p, its square scales like ``(1 - p)²``
+  where the Gauss-Newton term scales like ``p (1 - p)``, so as training fits the data the
+  empirical estimate collapses, the posterior variance grows back towards the prior and a
+  Newton step ``ĝ / Ĥ`` grows like ``1 / (1 - p)`` (Kunstner et al. 2019). The extra cost is
+  the input-gradient half of one backward pass.
+
 Usage::
 
     with PerExampleSquaredGradients(model) as sq:          # or a VariationalModel
@@ -73,7 +91,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = ["PerExampleSquaredGradients", "per_example_squared_gradients",
-           "reparam_hessian_estimate"]
+           "reparam_hessian_estimate", "sampled_nll"]
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 # modules whose parameters are used by the module's own forward as one unit (their children are
@@ -87,6 +105,38 @@ def reparam_hessian_estimate(grad, noise, std):
     return grad * noise / std
 
 
+def sampled_nll(output, likelihood="categorical", obs_noise=1.0):
+    """``(1/B) Σ_i NLL(output_i, ỹ_i)`` with ``ỹ`` drawn from the model's own predictive: a batch
+    mean, like the user's loss (``B = output.shape[0]``).
+
+    ``likelihood='categorical'``: ``output`` holds logits or log-probabilities over dim 1
+    (``(B, C, ...)``) and ``ỹ ~ softmax(output)``; ``'gaussian'``: ``output`` is the mean and
+    ``ỹ ~ N(output, obs_noise²)`` (``obs_noise`` a number, a tensor or a callable returning one).
+    The labels are drawn from the global generator without gradient.
+    """
+    f = output
+    batch = f.shape[0] if f.dim() > 0 else 1
+    if likelihood == "categorical":
+        if f.dim() < 2:
+            raise ValueError("likelihood='categorical' needs outputs of shape (B, C, ...), "
+                             f"got {tuple(f.shape)}")
+        with torch.no_grad():
+            logits = f.detach().movedim(1, -1).reshape(-1, f.shape[1])
+            probs = torch.softmax(logits.float(), dim=-1)
+            bad = ~torch.isfinite(probs).all(-1)
+            if bad.any():  # keep sampling; the NaN reaches g and the optimizer's guard
+                probs[bad] = 1.0 / probs.shape[-1]
+            y = torch.multinomial(probs, 1).reshape((f.shape[0],) + tuple(f.shape[2:]))
+        return F.cross_entropy(f, y, reduction="sum") / batch
+    if likelihood != "gaussian":
+        raise ValueError(f"likelihood must be 'categorical' or 'gaussian', got {likelihood!r}")
+    sigma = obs_noise() if callable(obs_noise) else obs_noise
+    sigma = torch.as_tensor(sigma, dtype=f.dtype, device=f.device).detach()
+    with torch.no_grad():
+        y = f.detach() + sigma * torch.randn_like(f)
+    return 0.5 * (((f - y) / sigma) ** 2).sum() / batch
+
+
 def _batch_dim(module):
     if isinstance(module, _OPAQUE) and not getattr(module, "batch_first", False):
         return 1
@@ -97,7 +147,8 @@ class _Call:
     """One call of a hooked module: captured inputs, the tensors of the unit as the forward saw
     them (sampled weights), and the output gradients as they arrive."""
 
-    __slots__ = ("args", "kwargs", "tensors", "grads", "pending", "out_meta", "batch_size")
+    __slots__ = ("args", "kwargs", "tensors", "grads", "pending", "out_meta", "batch_size",
+                 "outs")
 
 
 class _Group:
@@ -125,14 +176,29 @@ class PerExampleSquaredGradients:
             after one forward/backward :meth:`result` is the mean ``(1/B) Σ_i g_i²`` (the
             empirical Fisher diagonal) at no extra cost (the output gradients are scaled by
             ``sqrt(B)`` instead of ``B``).
+        fisher: ``'empirical'`` (gradients of the user's loss, default) or ``'true'`` (labels
+            sampled from the model's predictive in an extra pass inside the forward; see the
+            module docstring). With ``'true'`` the model must return one tensor.
+        likelihood: for ``fisher='true'``: ``'categorical'`` (logits over dim 1) or
+            ``'gaussian'``.
+        obs_noise: for ``likelihood='gaussian'``: the observation-noise standard deviation (a
+            number, tensor or callable).
 
     Use as a context manager, or call :meth:`attach` / :meth:`detach` yourself. See the module
     docstring for the rules per layer type.
     """
 
-    def __init__(self, model, param_names=None, loss_reduction="mean", average=False):
+    def __init__(self, model, param_names=None, loss_reduction="mean", average=False,
+                 fisher="empirical", likelihood="categorical", obs_noise=1.0):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if fisher not in ("empirical", "true"):
+            raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+        if likelihood not in ("categorical", "gaussian"):
+            raise ValueError(f"likelihood must be 'categorical' or 'gaussian', got {likelihood!r}")
+        if fisher == "true" and loss_reduction != "mean":
+            raise ValueError("fisher='true' draws a batch-mean loss itself; use "
+                             f"loss_reduction='mean', got {loss_reduction!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         from .variational import VariationalModel  # local import: curvature sits below optim
@@ -151,6 +217,9 @@ class PerExampleSquaredGradients:
         self.names = names
         self.loss_reduction = loss_reduction
         self.average = bool(average)
+        self.fisher = fisher
+        self.likelihood = likelihood
+        self.obs_noise = obs_noise
         self._wanted = {id(known[n]): n for n in names}
         self._units = self._find_units()
         covered = {n for _, local in self._units for n in local.values()}
@@ -195,6 +264,9 @@ class PerExampleSquaredGradients:
         for module, local in self._units:
             self._handles.append(module.register_forward_hook(
                 self._make_forward_hook(module, local), with_kwargs=True))
+        if self.fisher == "true":
+            # after the module hooks: the root may itself be a hooked module
+            self._handles.append(self.root.register_forward_hook(self._true_fisher_hook))
         return self
 
     def detach(self):
@@ -251,6 +323,7 @@ class PerExampleSquaredGradients:
             if not outs:
                 return None
             call = _Call()
+            call.outs = None
             call.args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
             call.kwargs = {k: (v.detach() if torch.is_tensor(v) else v)
                            for k, v in kwargs.items()}
@@ -272,11 +345,43 @@ class PerExampleSquaredGradients:
                 group = self._groups[id(mod)] = _Group(mod, local, self._round_id)
                 self._open.append(group)
             group.calls.append(call)
+            if self.fisher == "true":
+                call.outs = outs
+                if torch.is_tensor(output):
+                    # gradients are taken w.r.t. this tensor: hand the rest of the forward a
+                    # copy, so that in-place operations (ReLU(inplace=True)) cannot alter it
+                    return output.clone()
+                return None
             for k, t in outs:
                 t.register_hook(self._make_grad_hook(group, call, k))
             return None
 
         return hook
+
+    def _true_fisher_hook(self, module, args, output):
+        """Root forward hook for ``fisher='true'``: the sampled-label output gradients of every
+        call of this forward, then their squared per-example gradients."""
+        groups = [g for g in self._groups.values() if not g.done and g.round == self._round_id]
+        calls = [(g, c) for g in groups for c in g.calls if getattr(c, "outs", None)]
+        if not calls or self._computing or not torch.is_grad_enabled():
+            return None
+        if not torch.is_tensor(output):
+            raise TypeError("fisher='true' needs the model to return one tensor (logits or a "
+                            f"regression mean); got {type(output).__name__}. Use "
+                            "fisher='empirical'.")
+        targets = [t for _, c in calls for _, t in c.outs]
+        loss = sampled_nll(output, self.likelihood, self.obs_noise)
+        grads = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
+        it = iter(grads)
+        for _, c in calls:
+            for k, _ in c.outs:
+                g = next(it)
+                c.grads[k] = None if g is None else g.detach()
+            c.outs = None
+            c.pending = 0
+        for g in groups:
+            self._process(g)
+        return None
 
     def _make_grad_hook(self, group, call, k):
         def grad_hook(grad):

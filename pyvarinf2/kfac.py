@@ -46,6 +46,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._C._functorch import peek_interpreter_stack as _peek_interpreter_stack
 
+from .curvature import sampled_nll
+
 __all__ = ["KFACLayer", "find_kfac_layers", "layer_inputs", "layer_output_grads",
            "kfac_factors", "KFACCapture"]
 
@@ -306,27 +308,8 @@ class KFACCapture:
 
     def sampled_nll(self, output):
         """``(1/B) Σ_i NLL(output_i, ỹ_i)`` with ``ỹ`` drawn from the model's predictive (a
-        batch mean, like the user's loss, so that other per-example hooks see one scale)."""
-        f = output
-        batch = f.shape[0] if f.dim() > 0 else 1
-        if self.likelihood == "categorical":
-            if f.dim() < 2:
-                raise ValueError("likelihood='categorical' needs outputs of shape (B, C, ...), "
-                                 f"got {tuple(f.shape)}")
-            with torch.no_grad():
-                logits = f.detach().movedim(1, -1).reshape(-1, f.shape[1])
-                probs = torch.softmax(logits.float(), dim=-1)
-                bad = ~torch.isfinite(probs).all(-1)
-                if bad.any():  # keep sampling; the NaN reaches g and the optimizer's guard
-                    probs[bad] = 1.0 / probs.shape[-1]
-                y = torch.multinomial(probs, 1).reshape(
-                    (f.shape[0],) + tuple(f.shape[2:]))
-            return F.cross_entropy(f, y, reduction="sum") / batch
-        sigma = self.obs_noise() if callable(self.obs_noise) else self.obs_noise
-        sigma = torch.as_tensor(sigma, dtype=f.dtype, device=f.device).detach()
-        with torch.no_grad():
-            y = f.detach() + sigma * torch.randn_like(f)
-        return 0.5 * (((f - y) / sigma) ** 2).sum() / batch
+        batch mean, like the user's loss): :func:`pyvarinf2.curvature.sampled_nll`."""
+        return sampled_nll(output, self.likelihood, self.obs_noise)
 
     def take(self):
         """``{layer_index: (a, g)}`` for the layers with a complete record; disarms."""

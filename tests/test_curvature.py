@@ -34,6 +34,19 @@ def ce(out, y):
     return F.cross_entropy(out, y)
 
 
+class GruHead(nn.Module):
+    """A GRU (torch.func path: no closed form) and a Linear head on its last step."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.fc(out[:, -1])
+
+
 class Flatten(nn.Module):
     def forward(self, x):
         return x.reshape(x.shape[0], -1)
@@ -248,17 +261,7 @@ def test_fallback_torch_func_matches_loop(kind):
 
         model, x = Att(), torch.randn(5, 6, 4)
     else:
-        class Rnn(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.rnn = nn.GRU(3, 4, batch_first=True)
-                self.fc = nn.Linear(4, 3)
-
-            def forward(self, x):
-                out, _ = self.rnn(x)
-                return self.fc(out[:, -1])
-
-        model, x = Rnn(), torch.randn(4, 5, 3)
+        model, x = GruHead(), torch.randn(4, 5, 3)
     check_model(model, x, torch.randint(0, 3, (x.shape[0],)))
 
 
@@ -352,3 +355,110 @@ def test_reparam_hessian_estimate_is_unbiased_on_a_quadratic():
     grad = h * (theta - 0.2)                        # ∇ of ½ h (θ - 0.2)²
     est = reparam_hessian_estimate(grad, eps, sigma).mean(0)
     torch.testing.assert_close(est, h, rtol=0.02, atol=0.0)
+
+
+# ----------------------------------------------------------------------------- true Fisher
+def _true_fisher_reference(model, x, seed, likelihood="categorical", obs_noise=1.0):
+    """Σ_i g_i² with labels drawn from the model's predictive exactly as the collector draws
+    them (same generator state, same calls), from B separate backward passes."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        f = model(x)
+        if likelihood == "categorical":
+            y = torch.multinomial(torch.softmax(f.float(), -1), 1).reshape(-1)
+            loss_fn = ce
+        else:
+            y = f + obs_noise * torch.randn_like(f)
+
+            def loss_fn(out, t):
+                return 0.5 * (((out - t) / obs_noise) ** 2).sum() / out.shape[0]
+    return loop_reference(model, loss_fn, x, y)
+
+
+@pytest.mark.parametrize("kind", ["mlp_inplace_relu", "conv", "gru", "gaussian"])
+def test_true_fisher_matches_loop_with_sampled_labels(kind):
+    torch.manual_seed(3)
+    likelihood, noise = "categorical", 1.0
+    if kind == "mlp_inplace_relu":
+        # the in-place ReLU would overwrite the hooked output without the collector's copy
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 4))
+        x = torch.randn(7, 6)
+    elif kind == "conv":
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), Flatten(),
+                              nn.Linear(3 * 16, 3))
+        x = torch.randn(5, 2, 4, 4)
+    elif kind == "gru":
+        model, x = GruHead(), torch.randn(4, 5, 3)
+    else:
+        likelihood, noise = "gaussian", 0.7
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+        x = torch.randn(9, 4)
+    model, x = model.double(), x.double()
+    y_user = torch.randint(0, 2, (x.shape[0],))
+    sq = PerExampleSquaredGradients(model, fisher="true", likelihood=likelihood,
+                                    obs_noise=noise)
+    with sq:
+        torch.manual_seed(11)
+        out = model(x)
+        # the user's own backward is untouched: ordinary gradients of the user's loss
+        loss = F.cross_entropy(out, y_user) if likelihood == "categorical" else out.pow(2).mean()
+        loss.backward()
+    got = sq.result()
+    assert sq.batch_size == x.shape[0]
+    ref = _true_fisher_reference(model, x, 11, likelihood, noise)
+    assert_close_dict(got, ref)
+    user = dict(model.named_parameters())
+    ref_user = torch.autograd.grad(
+        F.cross_entropy(model(x), y_user) if likelihood == "categorical"
+        else model(x).pow(2).mean(), list(user.values()))
+    for (n, p), g in zip(user.items(), ref_user):
+        torch.testing.assert_close(p.grad, g, msg=n)
+
+
+def test_true_fisher_averages_to_the_gauss_newton_diagonal():
+    """E_ỹ[g_i(ỹ)²] = Σ_k p_ik g_i(k)²: the diagonal of the generalised Gauss-Newton matrix."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    params = dict(model.named_parameters())
+    ggn = {n: torch.zeros_like(p) for n, p in params.items()}
+    probs = torch.softmax(model(x), -1).detach()
+    for i in range(x.shape[0]):
+        for k in range(3):
+            g = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), torch.tensor([k])),
+                                    list(params.values()))
+            for n, gi in zip(params, g):
+                ggn[n] += probs[i, k] * gi * gi
+    sq = PerExampleSquaredGradients(model, fisher="true").attach()
+    draws = 3000
+    for _ in range(draws):
+        model(x)
+    got = sq.result()
+    sq.detach()
+    assert sq.batch_size == 0   # detach resets
+    for n in ggn:
+        torch.testing.assert_close(got[n] / draws, ggn[n], rtol=0.1, atol=1e-3, msg=n)
+
+
+def test_true_fisher_bad_arguments_and_outputs():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="fisher"):
+        PerExampleSquaredGradients(model, fisher="exact")
+    with pytest.raises(ValueError, match="likelihood"):
+        PerExampleSquaredGradients(model, fisher="true", likelihood="poisson")
+    with pytest.raises(ValueError, match="loss_reduction"):
+        PerExampleSquaredGradients(model, fisher="true", loss_reduction="sum")
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.fc(x), x
+
+    m = Pair()
+    sq = PerExampleSquaredGradients(m, fisher="true").attach()
+    with pytest.raises(TypeError, match="one tensor"):
+        m(torch.randn(3, 2))
+    sq.detach()

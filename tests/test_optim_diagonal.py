@@ -109,6 +109,48 @@ def test_bayesian_linear_regression_mean_field_optimum(cls):
     assert torch.all((sd / sd_star - 1).abs() < SD_TOL[cls]), sd / sd_star
 
 
+@pytest.mark.parametrize("cls", [NoisyAdam, VOGN], ids=["NoisyAdam", "VOGN"])
+def test_true_fisher_gives_the_exact_mean_field_optimum(cls):
+    """With labels sampled from the model (fisher='true', Gaussian likelihood at the true noise)
+    the curvature is E[x² ε²/σ²] = x²/σ², the exact diagonal precision, whatever the residuals:
+    tighter than the empirical Fisher's tolerance above."""
+    X, y, noise = blr_data(n=2000)
+    mean, var = exact_posterior(X, y, noise, prior_std=1.0)
+    mu, sd = train_blr(cls, X, y, noise, GaussianPrior(std=1.0), fisher="true",
+                       likelihood="gaussian", obs_noise=noise, **BLR_SETTINGS[cls])[:2]
+    sd_star = var.sqrt()
+    assert torch.all((mu - mean).abs() < 0.25 * sd_star), ((mu - mean) / sd_star)
+    assert torch.all((sd / sd_star - 1).abs() < 0.04), sd / sd_star
+    # the wrong noise level moves the curvature by the predicted factor (σ_true / σ_used)²
+    sd_wrong = train_blr(cls, X, y, noise, GaussianPrior(std=1.0), fisher="true",
+                         likelihood="gaussian", obs_noise=2 * noise, **BLR_SETTINGS[cls])[1]
+    _, var_wrong = exact_posterior(X, y, 2 * noise, prior_std=1.0)
+    assert torch.all((sd_wrong / var_wrong.sqrt() - 1).abs() < 0.04), sd_wrong / var_wrong.sqrt()
+
+
+@pytest.mark.parametrize("cls", [NoisyAdam, VOGN], ids=["NoisyAdam", "VOGN"])
+def test_hess_init_sets_the_starting_scale_and_turns_off_bias_correction(cls):
+    vm = pyvarinf2.variationalize(make_mlp(torch.float64))
+    opt = cls(vm, dataset_size=500, kl_weight=0.5, hess_init=0.2)
+    for name, post in vm.named_posteriors():
+        delta = 0.5 / (500 * GaussianPrior.default_std(post.stddev.shape) ** 2)
+        expected = math.sqrt(0.5 / (500 * (0.2 + delta)))
+        torch.testing.assert_close(post.stddev, torch.full_like(post.stddev, expected))
+    # one step: the curvature is the plain average β2 h0 + (1 - β2) ĥ, not divided by 1 - β2
+    x, y = toy_batch(dtype=torch.float64)
+    opt.zero_grad()
+    F.cross_entropy(vm(x), y).backward()
+    sq = dict(opt._collector.result())
+    opt.step()
+    beta2 = opt.defaults["betas"][1]
+    w = vm.model[2].weight
+    key = "fisher" if cls is NoisyAdam else "ggn"
+    torch.testing.assert_close(opt.state[w][key], beta2 * 0.2 + (1 - beta2) * sq["2.weight"])
+    delta = 0.5 / (500 * GaussianPrior.default_std(w.shape) ** 2)
+    torch.testing.assert_close(dict(vm.named_posteriors())["2.weight"].stddev,
+                               torch.sqrt(0.5 / (500 * (opt.state[w][key] + delta))))
+
+
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
 def test_prior_change_moves_posterior_to_the_new_exact_one(cls):
     X, y, noise = blr_data(n=200, seed=3)           # few data: the prior matters
@@ -469,8 +511,13 @@ BAD = [
 ]
 EXTRA_BAD = {
     NoisyAdam: [("extrinsic_damping", [-1e-3, float("nan"), float("inf")]),
-                ("fisher_bias_correction", [1, "yes", None])],
-    VOGN: [],
+                ("fisher_bias_correction", [1, "yes", None]),
+                ("hess_init", [-1.0, float("nan"), float("inf")]),
+                ("fisher", ["exact", None, 1]), ("likelihood", ["poisson", None]),
+                ("obs_noise", [0.0, -1.0, float("nan")])],
+    VOGN: [("hess_init", [-1.0, float("nan"), float("inf")]),
+           ("fisher", ["exact", None, 1]), ("likelihood", ["poisson", None]),
+           ("obs_noise", [0.0, -1.0, float("nan")])],
     IVON: [("hess_init", [-1.0, float("nan"), float("inf")]),
            ("clip_radius", [0, -1.0, float("nan"), True])],
 }

@@ -29,7 +29,7 @@ import torch
 from ..curvature import PerExampleSquaredGradients
 from ..posteriors import MeanFieldPosterior
 from ..priors import GaussianPrior
-from ._base import NonFiniteError, VariationalOptimizer
+from ._base import NonFiniteError, VariationalOptimizer, check_positive
 
 __all__ = ["DiagonalVariationalOptimizer"]
 
@@ -53,9 +53,20 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
     #: whether the optimizer needs the noise ε of each sample (IVON)
     needs_noise = False
 
-    def __init__(self, var_model, defaults, dataset_size, kl_weight=1.0, mc_samples=1):
+    def __init__(self, var_model, defaults, dataset_size, kl_weight=1.0, mc_samples=1,
+                 fisher="empirical", likelihood="categorical", obs_noise=1.0):
+        if self.needs_per_example:
+            if fisher not in ("empirical", "true"):
+                raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+            if likelihood not in ("categorical", "gaussian"):
+                raise ValueError("likelihood must be 'categorical' or 'gaussian', got "
+                                 f"{likelihood!r}")
+            if not callable(obs_noise):
+                check_positive("obs_noise", obs_noise)
+            defaults = dict(defaults, fisher=fisher, likelihood=likelihood)
         super().__init__(var_model, defaults, dataset_size, kl_weight=kl_weight,
                          mc_samples=mc_samples)
+        self.obs_noise = obs_noise
         for group in self.param_groups:
             for p in group["params"]:
                 post = self.posterior_of(p)
@@ -69,7 +80,7 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
         if self.needs_per_example:
             self._collector = PerExampleSquaredGradients(
                 var_model, [self.name_of(p) for g in self.param_groups for p in g["params"]],
-                average=True)
+                average=True, fisher=fisher, likelihood=likelihood, obs_noise=obs_noise)
             self._collector.attach()
             # the hooks live on the model: take them off when the optimizer goes away
             self._finalizer = weakref.finalize(self, self._collector.detach)
@@ -80,10 +91,17 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
 
     # ------------------------------------------------------------------ subclass interface
     def _initial_state(self, p, group):
-        """Step count, momentum and a zero curvature estimate under :meth:`_curvature_key`
-        (subclasses that start the curvature elsewhere override this)."""
+        """Step count, momentum and the curvature estimate under :meth:`_curvature_key`,
+        starting at the group's ``hess_init`` (0 when absent)."""
         return {"step": 0, "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                self._curvature_key(): torch.zeros_like(p, memory_format=torch.preserve_format)}
+                self._curvature_key(): torch.full_like(p, group.get("hess_init", 0.0),
+                                                       memory_format=torch.preserve_format)}
+
+    @staticmethod
+    def _bias_corrected(group):
+        """Whether the curvature average is divided by 1 - β2^k: only when it starts at 0 (a
+        ``hess_init`` > 0 is itself the first term of the average)."""
+        return group.get("hess_init", 0.0) == 0.0 and group.get("fisher_bias_correction", True)
 
     def _curvature_key(self):
         """Name of the state entry holding the curvature estimate ``c``."""

@@ -48,6 +48,19 @@ class NoisyAdam(DiagonalVariationalOptimizer):
             augmentation or small data sets).
         extrinsic_damping: γ_ex added to the denominator of the mean step only (default 0).
         fisher_bias_correction: divide f by 1 - β2^k (default True; False: the paper's update).
+        hess_init: initial value of f (default 0: start at the prior, with the bias
+            correction above). A value > 0 starts the posterior at σ² = λ / (N (hess_init +
+            γ_in)) and is itself the first term of the running average, so no bias correction
+            is applied (IVON's convention).
+        fisher: ``'empirical'`` (default: the squared per-example gradients of the user's loss,
+            given labels) or ``'true'`` (labels drawn from the model's own predictive in one
+            extra pass inside the forward: an unbiased estimate of the Gauss-Newton diagonal,
+            which the empirical Fisher underestimates on examples the model already fits; see
+            :mod:`pyvarinf2.curvature`). ``'true'`` costs the input-gradient half of a backward.
+        likelihood: for ``fisher='true'``: ``'categorical'`` (outputs are logits over dim 1) or
+            ``'gaussian'`` (outputs are the regression mean).
+        obs_noise: for ``likelihood='gaussian'``: the observation-noise std (a number or a
+            callable returning a tensor, e.g. a learned noise).
         mc_samples: weight samples per ``step(closure)`` (default 1).
 
     One MC sample per step in the usual loop (``zero_grad``, forward, ``backward``, ``step``);
@@ -58,24 +71,28 @@ class NoisyAdam(DiagonalVariationalOptimizer):
     needs_per_example = True
 
     def __init__(self, var_model, lr=1e-2, betas=(0.9, 0.999), *, dataset_size, kl_weight=1.0,
-                 extrinsic_damping=0.0, fisher_bias_correction=True, mc_samples=1):
+                 extrinsic_damping=0.0, fisher_bias_correction=True, hess_init=0.0, mc_samples=1,
+                 fisher="empirical", likelihood="categorical", obs_noise=1.0):
         check_positive("lr", lr)
         betas = check_betas(betas)
         check_nonnegative("extrinsic_damping", extrinsic_damping)
+        check_nonnegative("hess_init", hess_init)
         if not isinstance(fisher_bias_correction, bool):
             raise ValueError("fisher_bias_correction must be True or False, got "
                              f"{fisher_bias_correction!r}")
         defaults = dict(lr=lr, betas=betas,
                         extrinsic_damping=float(extrinsic_damping),
-                        fisher_bias_correction=fisher_bias_correction)
+                        fisher_bias_correction=fisher_bias_correction,
+                        hess_init=float(hess_init))
         super().__init__(var_model, defaults, dataset_size, kl_weight=kl_weight,
-                         mc_samples=mc_samples)
+                         mc_samples=mc_samples, fisher=fisher, likelihood=likelihood,
+                         obs_noise=obs_noise)
 
     def _curvature_key(self):
         return "fisher"
 
     def _curvature_denominator(self, group, state, step):
-        bc = 1.0 - group["betas"][1] ** step if step > 0 and group["fisher_bias_correction"] \
+        bc = 1.0 - group["betas"][1] ** step if step > 0 and self._bias_corrected(group) \
             else 1.0
         return state["fisher"], bc
 
@@ -97,7 +114,7 @@ class NoisyAdam(DiagonalVariationalOptimizer):
             fisher = torch._foreach_lerp([s["fisher"] for s in states], stats["sq"], 1.0 - beta2)
             # with bias correction f̂ = f / bc2: f̂ + γ = (f + bc2 γ) / bc2, so the denominators
             # are kept multiplied by bc2 (bc2 = 1 without correction)
-            if group["fisher_bias_correction"]:
+            if self._bias_corrected(group):
                 bc2 = [1.0 - beta2 ** k for k in steps]
             else:
                 bc2 = [1.0] * len(steps)

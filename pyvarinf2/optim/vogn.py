@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ._base import check_betas, check_positive
+from ._base import check_betas, check_nonnegative, check_positive
 from ._diagonal import DiagonalVariationalOptimizer, add_damping
 
 __all__ = ["VOGN"]
@@ -37,6 +37,14 @@ class VOGN(DiagonalVariationalOptimizer):
         betas: (β1, β2) for the momentum and the Gauss-Newton average (default (0.9, 0.999)).
         dataset_size: N (required).
         kl_weight: λ (1 = the ELBO).
+        hess_init: initial value of s (default 0: start at the prior, bias-corrected average);
+            > 0 starts the posterior at σ² = λ / (N (hess_init + δ̃)) and turns the bias
+            correction off (the initial value is the average's first term).
+        fisher: ``'empirical'`` (default: per-example gradients of the user's loss) or
+            ``'true'`` (labels drawn from the model's predictive: an unbiased one-sample
+            estimate of the Gauss-Newton diagonal; see :mod:`pyvarinf2.curvature`).
+        likelihood, obs_noise: the likelihood of ``fisher='true'``, as in
+            :class:`~pyvarinf2.optim.NoisyAdam`.
         mc_samples: M, weight samples per ``step(closure)`` (default 1; the reference code used
             up to 50 — the cost grows linearly).
     """
@@ -44,19 +52,23 @@ class VOGN(DiagonalVariationalOptimizer):
     needs_per_example = True
 
     def __init__(self, var_model, lr=1e-2, betas=(0.9, 0.999), *, dataset_size, kl_weight=1.0,
-                 mc_samples=1):
+                 hess_init=0.0, mc_samples=1,
+                 fisher="empirical", likelihood="categorical", obs_noise=1.0):
         check_positive("lr", lr)
         betas = check_betas(betas)
-        defaults = dict(lr=lr, betas=betas)
+        check_nonnegative("hess_init", hess_init)
+        defaults = dict(lr=lr, betas=betas, hess_init=float(hess_init))
         super().__init__(var_model, defaults, dataset_size, kl_weight=kl_weight,
-                         mc_samples=mc_samples)
+                         mc_samples=mc_samples, fisher=fisher, likelihood=likelihood,
+                         obs_noise=obs_noise)
 
     def _curvature_key(self):
         return "ggn"
 
     def _curvature_denominator(self, group, state, step):
         # ŝ + δ̃ = (s + bc δ̃) / bc with bc = 1 - β2^k (k = 0: s = 0, any bc > 0 works)
-        bc = 1.0 - group["betas"][1] ** step if step > 0 else 1.0
+        bc = 1.0 - group["betas"][1] ** step if step > 0 and self._bias_corrected(group) \
+            else 1.0
         return state["ggn"], bc
 
     @torch.no_grad()
@@ -75,7 +87,8 @@ class VOGN(DiagonalVariationalOptimizer):
             grad = self._add_prior(stats["grad"], params, terms)
             exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], grad, 1.0 - beta1)
             ggn = torch._foreach_lerp([s["ggn"] for s in states], stats["sq"], 1.0 - beta2)
-            bc2 = [1.0 - beta2 ** k for k in steps]
+            bc2 = [1.0 - beta2 ** k for k in steps] if self._bias_corrected(group) \
+                else [1.0] * len(steps)
             # denominators scaled by bc2: s + bc2 δ̃ = bc2 (ŝ + δ̃)
             denoms = add_damping(ggn, self._dampings(group, priors), bc2)
             new_means = torch._foreach_addcdiv(
