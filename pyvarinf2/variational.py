@@ -135,6 +135,14 @@ class VariationalModel(nn.Module):
             self._priors[name] = prior_obj
 
     # ----------------------------------------------------------------- structure
+    def __getstate__(self):
+        # copies and pickles do not carry the σ of the last sample (it refers to this model's
+        # own tensors)
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.pop("_sigma_cache", None)
+        return state
+
     def __setattr__(self, name, value):
         if name == "posteriors":
             self.__dict__["_posterior_cache"] = None
@@ -282,7 +290,7 @@ class VariationalModel(nn.Module):
             kl = post.kl(means, priors)
             total = kl if total is None else total + kl
         if fast[0]:
-            kl = gaussian_kl(*fast)
+            kl = gaussian_kl(*fast, sigmas=self._cached_sigmas(fast[1]))
             total = kl if total is None else total + kl
         return total
 
@@ -309,11 +317,29 @@ class VariationalModel(nn.Module):
             else:
                 for n, t in zip(post.names, post.sample(means, noise)):
                     out[n] = t
-        for n, t in zip(mf_names, mean_field_sample(mf_means, mf_log_stds, mf_eps)):
-            out[n] = t
+        if mf_means:
+            sigmas = []
+            for n, t in zip(mf_names, mean_field_sample(mf_means, mf_log_stds, mf_eps, sigmas)):
+                out[n] = t
+            # the KL of the same step reuses σ while the log stds are unchanged
+            self.__dict__["_sigma_cache"] = (
+                mf_log_stds, [(t._version, t.data_ptr(), t.dtype) for t in mf_log_stds], sigmas)
         if record is not None:
             self.last_noise = record
         return out
+
+    def _cached_sigmas(self, log_stds):
+        """σ = exp(log_std) of the last sample if it covered exactly these, unchanged, tensors."""
+        cache = self.__dict__.get("_sigma_cache")
+        if cache is None:
+            return None
+        tensors, versions, sigmas = cache
+        if len(tensors) != len(log_stds) or len(sigmas) != len(log_stds):
+            return None
+        for a, b, v in zip(tensors, log_stds, versions):
+            if a is not b or (b._version, b.data_ptr(), b.dtype) != v:
+                return None
+        return sigmas
 
     def is_sampling(self):
         if self._sample_override is not None:

@@ -700,3 +700,43 @@ def test_pyvarinf_readme_program_runs_unchanged(data_dir, monkeypatch, one_threa
         assert torch.equal(a, b) and torch.allclose(a.exp().sum(1), torch.ones(4))
         sample.draw()
         assert not torch.equal(a, sample(x[:4]))
+
+
+def test_kl_reuses_the_sample_sigma_only_while_it_is_valid():
+    """prior_loss() after a forward reuses that forward's σ = exp(log_std); after the scales
+    change (optimizer step, load, dtype change) it must recompute: the KL always equals the one
+    of a fresh model with the same state."""
+    torch.manual_seed(0)
+    vm = pv.variationalize(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)),
+                                  init_std=0.1)
+
+    def fresh_kl():
+        other = pv.variationalize(copy.deepcopy(vm.model), init_std=0.1)
+        other.load_state_dict(vm.state_dict())
+        return other.prior_loss()
+
+    x = torch.randn(3, 4)
+    vm(x)
+    assert vm._cached_sigmas([p.log_std for _, p in vm.named_posteriors()]) is not None
+    torch.testing.assert_close(vm.prior_loss(), fresh_kl())
+    opt = torch.optim.SGD(vm.parameters(), lr=0.5)
+    (vm(x).sum() + vm.prior_loss()).backward()
+    opt.step()                                    # in-place change of every log_std
+    assert vm._cached_sigmas([p.log_std for _, p in vm.named_posteriors()]) is None
+    torch.testing.assert_close(vm.prior_loss(), fresh_kl())
+    # gradients through the shared σ equal those of an uncached KL
+    vm(x)
+    vm.zero_grad()
+    vm.prior_loss().backward()
+    cached = [p.grad.clone() for p in vm.parameters()]
+    vm.__dict__.pop("_sigma_cache")
+    vm.zero_grad()
+    vm.prior_loss().backward()
+    for a, p in zip(cached, vm.parameters()):
+        torch.testing.assert_close(a, p.grad)
+    vm(x)
+    clone = copy.deepcopy(vm)
+    assert "_sigma_cache" not in clone.__dict__
+    vm.double()                                   # new storage, same Parameter objects
+    assert vm._cached_sigmas([p.log_std for _, p in vm.named_posteriors()]) is None
+    assert vm.prior_loss().dtype == torch.float64
