@@ -8,6 +8,7 @@ the 784-400-400-10 MLP and the PyVarInf README CNN (with BatchNorm), batch 128:
 * plain_adam: ``nn.Module`` + ``torch.optim.Adam`` on the cross-entropy;
 * noisy_adam / vogn / ivon: ``variationalize(model)`` + ``pyvarinf2.optim.<X>``, the loop of the
   README (``zero_grad``, forward with one weight sample, ``backward``, ``step``);
+* noisy_adam_true_fisher: NoisyAdam(fisher='true'), the cost of the sampled-label pass;
 * ivon_opt: the ``ivon-opt`` package's IVON (GPL; *not* a dependency) on a plain copy of the
   model, when it can be imported — install it outside the project, e.g.
   ``pip install --target /tmp/ivonpkg ivon-opt`` and pass ``--ivon-path /tmp/ivonpkg``.
@@ -59,9 +60,11 @@ def make_steps(name, device, ivon_pkg=None):
         sync()
 
     steps = {"plain_adam": plain_step}
-    for key, cls in (("noisy_adam", "NoisyAdam"), ("vogn", "VOGN"), ("ivon", "IVON")):
+    for key, cls, kw in (("noisy_adam", "NoisyAdam", {}), ("vogn", "VOGN", {}),
+                         ("ivon", "IVON", {}),
+                         ("noisy_adam_true_fisher", "NoisyAdam", {"fisher": "true"})):
         vm = pyvarinf2.variationalize(copy.deepcopy(model)).to(device)
-        opt = getattr(pyvarinf2.optim, cls)(vm, dataset_size=N_TRAIN)
+        opt = getattr(pyvarinf2.optim, cls)(vm, dataset_size=N_TRAIN, **kw)
 
         def step(vm=vm, opt=opt):
             opt.zero_grad(set_to_none=True)

@@ -67,6 +67,17 @@ def epochs_to(method, threshold=0.97):
     return None
 
 
+def final_objective(method):
+    """(train NLL at the sampled weights, KL/N, their sum) of the last epoch in metrics.csv;
+    for map the middle term is -log p(θ)/N and the sum is not an ELBO."""
+    path = os.path.join(ROOT, "runs", "mnist_table", method, "metrics.csv")
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    last = rows[-1]
+    nll, kl = float(last["train_nll"]), float(last["prior_term"])
+    return nll, kl, (None if method == "map" else nll + kl)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=20)
@@ -86,7 +97,7 @@ def main(argv=None):
         results = list(pool.map(lambda m: run_method(m, args), methods))
     wall = time.time() - t0
     cols = ["method", "accuracy", "nll", "ece", "ood_auroc", "brier", "epochs",
-            "epochs_to_97", "train_wall_s"]
+            "epochs_to_97", "train_wall_s", "train_nll", "kl_per_example", "neg_elbo"]
     os.makedirs(os.path.join(ROOT, "results"), exist_ok=True)
     rows = []
     for method, res, _ in results:
@@ -94,6 +105,8 @@ def main(argv=None):
                      "ece": res["ece"], "ood_auroc": res.get("ood_auroc"),
                      "brier": res.get("brier"), "epochs": res["epochs"],
                      "epochs_to_97": epochs_to(method), "train_wall_s": res.get("train_wall_s")})
+        rows[-1]["train_nll"], rows[-1]["kl_per_example"], rows[-1]["neg_elbo"] = \
+            final_objective(method)
     with open(os.path.join(ROOT, "results", "mnist.csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, cols)
         w.writeheader()
@@ -120,6 +133,26 @@ def main(argv=None):
             fh.write(f"| {r['method']} | {f(r['accuracy'])} | {f(r['nll'])} | {f(r['ece'])} | "
                      f"{f(r['ood_auroc'])} | {f(r['brier'])} | {r['epochs']} | "
                      f"{f(r['epochs_to_97'])} | {f(r['train_wall_s'], 0)} |\n")
+        fh.write("\n## The variational objective at the end of training\n\n"
+                 "Last epoch of each run's metrics.csv, per training example: the NLL at the "
+                 "sampled weights (averaged over the epoch), KL(q || p)/N, and their sum, the "
+                 "negative ELBO that every variational method here minimises (λ = 1, prior "
+                 "N(0, 1)); lower is a better fit of the objective. For map the middle column is "
+                 "-log p(θ)/N and there is no ELBO.\n\n"
+                 "| method | train NLL | KL / N | negative ELBO |\n|---|---|---|---|\n")
+        for r in rows:
+            fh.write(f"| {r['method']} | {f(r['train_nll'])} | {f(r['kl_per_example'])} | "
+                     f"{f(r['neg_elbo'])} |\n")
+        fh.write("\nThe accuracy ranking is not the ELBO ranking. IVON keeps its posterior at "
+                 "its initial, narrow scale (hess_init = 1 with β2 = 0.99999 decays by 11% over "
+                 "these 12,000 steps), close to a point estimate with a large KL; Bayes-by-"
+                 "backprop, started at σ = 10⁻³, is still shrinking its KL when training ends; "
+                 "noisy Adam / VOGN reach the lowest negative ELBO and pay for it with more "
+                 "weight noise and a lower accuracy. Reaching 98% with noisy Adam / VOGN at "
+                 "λ = 1 is open (issue #3): with the true Fisher (fisher='true'), hess_init, "
+                 "extrinsic damping and a cosine learning-rate schedule the best 10-epoch run "
+                 "reached 97.4%; at a constant lr ≥ 3e-3 both Fisher variants diverged near "
+                 "epoch 9.\n")
     print(open(os.path.join(ROOT, "results", "mnist.md")).read())
 
 
