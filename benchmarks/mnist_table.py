@@ -152,7 +152,9 @@ def main(argv=None):
                  "λ = 1 is open (issue #3): with the true Fisher (fisher='true'), hess_init, "
                  "extrinsic damping and a cosine learning-rate schedule the best 10-epoch run "
                  "reached 97.4%; at a constant lr ≥ 3e-3 both Fisher variants diverged near "
-                 "epoch 9.\n")
+                 "epoch 9 (the last layer's mean overflowed). The trust region kl_clip=1e-3 "
+                 "kept a constant-lr 1e-2 empirical-Fisher run finite for 12 epochs, at "
+                 "94.4–95.4%.\n")
     print(open(os.path.join(ROOT, "results", "mnist.md")).read())
 
 

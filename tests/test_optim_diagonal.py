@@ -151,6 +151,35 @@ def test_hess_init_sets_the_starting_scale_and_turns_off_bias_correction(cls):
                                torch.sqrt(0.5 / (500 * (opt.state[w][key] + delta))))
 
 
+@pytest.mark.parametrize("cls", [NoisyAdam, VOGN], ids=["NoisyAdam", "VOGN"])
+def test_kl_clip_bounds_the_step_in_the_posterior_metric(cls):
+    """With kl_clip = c the clipped mean step Δμ satisfies Σ Δμ² (f̂ + γ) = c, where
+    f̂ + γ = λ / (N σ²) is read off the scales written to the model; a loose bound changes
+    nothing."""
+    x, y = toy_batch(dtype=torch.float64)
+    results = {}
+    for clip in (1e-6, 1e3, None):
+        torch.manual_seed(0)
+        vm = pyvarinf2.variationalize(make_mlp(torch.float64))
+        opt = cls(vm, lr=0.5, dataset_size=64, kl_weight=0.5, kl_clip=clip)
+        before = {n: p.detach().clone() for n, p in vm.model.named_parameters()}
+        opt.zero_grad()
+        F.cross_entropy(vm(x), y).backward()
+        opt.step()
+        posts = dict(vm.named_posteriors())
+        quad = sum(float(((p.detach() - before[n]) ** 2 * 0.5
+                          / (64 * posts[n].stddev.detach() ** 2)).sum())
+                   for n, p in vm.model.named_parameters())
+        results[clip] = (quad, opt.kl_clip_factor,
+                         [p.detach().clone() for p in vm.model.parameters()])
+    quad, nu, _ = results[1e-6]
+    assert nu < 1.0
+    assert quad == pytest.approx(1e-6, rel=1e-6)
+    assert results[1e3][1] == 1.0 and results[1e3][0] > 1e-6
+    for a, b in zip(results[1e3][2], results[None][2]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
 def test_prior_change_moves_posterior_to_the_new_exact_one(cls):
     X, y, noise = blr_data(n=200, seed=3)           # few data: the prior matters
@@ -513,9 +542,11 @@ EXTRA_BAD = {
     NoisyAdam: [("extrinsic_damping", [-1e-3, float("nan"), float("inf")]),
                 ("fisher_bias_correction", [1, "yes", None]),
                 ("hess_init", [-1.0, float("nan"), float("inf")]),
+                ("kl_clip", [0.0, -1.0, float("nan")]),
                 ("fisher", ["exact", None, 1]), ("likelihood", ["poisson", None]),
                 ("obs_noise", [0.0, -1.0, float("nan")])],
     VOGN: [("hess_init", [-1.0, float("nan"), float("inf")]),
+           ("kl_clip", [0.0, -1.0, float("nan")]),
            ("fisher", ["exact", None, 1]), ("likelihood", ["poisson", None]),
            ("obs_noise", [0.0, -1.0, float("nan")])],
     IVON: [("hess_init", [-1.0, float("nan"), float("inf")]),

@@ -67,6 +67,8 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
         super().__init__(var_model, defaults, dataset_size, kl_weight=kl_weight,
                          mc_samples=mc_samples)
         self.obs_noise = obs_noise
+        #: the trust-region factor ν of the last step (1 = not clipped; see ``kl_clip``)
+        self.kl_clip_factor = 1.0
         for group in self.param_groups:
             for p in group["params"]:
                 post = self.posterior_of(p)
@@ -369,6 +371,20 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
                 _set_log_std(post, ls)
         for p, st in zip(params, new_states):
             self.state[p].update(st)
+
+
+def kl_clip_factor(lr, exp_avg, denoms, coeffs, kl_clip):
+    """ν = min(1, sqrt(kl_clip / (lr² Σ m̂ᵀ F̂⁻¹ m̂))): the trust region of K-FAC (Ba et al. 2017)
+    on a diagonal natural-gradient step ``lr · m̂ / (f̂ + γ)``; ``coeffs[i]`` turns
+    ``exp_avg[i]² / denoms[i]`` into ``m̂² / (f̂ + γ)`` (bias corrections). ``kl_clip=None``: 1."""
+    if kl_clip is None or not exp_avg:
+        return 1.0
+    quad = torch._foreach_div(exp_avg, denoms)
+    torch._foreach_mul_(quad, exp_avg)
+    total = sum(float(q.sum()) * c for q, c in zip(quad, coeffs)) * lr * lr
+    if not math.isfinite(total) or total <= kl_clip:
+        return 1.0     # a non-finite step is refused by the finiteness check that follows
+    return math.sqrt(kl_clip / total)
 
 
 def add_damping(tensors, deltas, scales=None):

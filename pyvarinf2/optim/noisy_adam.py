@@ -5,7 +5,7 @@ import math
 import torch
 
 from ._base import check_betas, check_nonnegative, check_positive
-from ._diagonal import DiagonalVariationalOptimizer, add_damping
+from ._diagonal import DiagonalVariationalOptimizer, add_damping, kl_clip_factor
 
 __all__ = ["NoisyAdam"]
 
@@ -61,6 +61,10 @@ class NoisyAdam(DiagonalVariationalOptimizer):
             ``'gaussian'`` (outputs are the regression mean).
         obs_noise: for ``likelihood='gaussian'``: the observation-noise std (a number or a
             callable returning a tensor, e.g. a learned noise).
+        kl_clip: trust region of the mean step, as in noisy K-FAC (Ba et al. 2017): the step is
+            scaled by ν = min(1, sqrt(kl_clip / (lr² Σ m̂² / (f̂ + γ)))) (default None: off).
+            A Newton-type step is unbounded where the curvature vanishes (a saturated softmax
+            is linear in its logits); this bounds it. :attr:`kl_clip_factor` holds the last ν.
         mc_samples: weight samples per ``step(closure)`` (default 1).
 
     One MC sample per step in the usual loop (``zero_grad``, forward, ``backward``, ``step``);
@@ -71,19 +75,23 @@ class NoisyAdam(DiagonalVariationalOptimizer):
     needs_per_example = True
 
     def __init__(self, var_model, lr=1e-2, betas=(0.9, 0.999), *, dataset_size, kl_weight=1.0,
-                 extrinsic_damping=0.0, fisher_bias_correction=True, hess_init=0.0, mc_samples=1,
+                 extrinsic_damping=0.0, fisher_bias_correction=True, hess_init=0.0, kl_clip=None,
+                 mc_samples=1,
                  fisher="empirical", likelihood="categorical", obs_noise=1.0):
         check_positive("lr", lr)
         betas = check_betas(betas)
         check_nonnegative("extrinsic_damping", extrinsic_damping)
         check_nonnegative("hess_init", hess_init)
+        if kl_clip is not None:
+            check_positive("kl_clip", kl_clip)
         if not isinstance(fisher_bias_correction, bool):
             raise ValueError("fisher_bias_correction must be True or False, got "
                              f"{fisher_bias_correction!r}")
         defaults = dict(lr=lr, betas=betas,
                         extrinsic_damping=float(extrinsic_damping),
                         fisher_bias_correction=fisher_bias_correction,
-                        hess_init=float(hess_init))
+                        hess_init=float(hess_init),
+                        kl_clip=None if kl_clip is None else float(kl_clip))
         super().__init__(var_model, defaults, dataset_size, kl_weight=kl_weight,
                          mc_samples=mc_samples, fisher=fisher, likelihood=likelihood,
                          obs_noise=obs_noise)
@@ -123,9 +131,13 @@ class NoisyAdam(DiagonalVariationalOptimizer):
                 denom_mean = [torch.add(d, gamma_ex * b) for d, b in zip(denom_post, bc2)]
             else:
                 denom_mean = denom_post
+            nu = kl_clip_factor(lr, exp_avg, denom_mean,
+                                [b / (1.0 - beta1 ** k) ** 2 for b, k in zip(bc2, steps)],
+                                group["kl_clip"])
+            self.kl_clip_factor = nu
             new_means = torch._foreach_addcdiv(
                 params, exp_avg, denom_mean,
-                [-lr * b / (1.0 - beta1 ** k) for b, k in zip(bc2, steps)])
+                [-nu * lr * b / (1.0 - beta1 ** k) for b, k in zip(bc2, steps)])
             self._check(max(steps), params, new_means, denom_post)
             new_states = [{"step": k, "exp_avg": m, "fisher": f}
                           for k, m, f in zip(steps, exp_avg, fisher)]

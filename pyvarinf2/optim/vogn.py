@@ -4,7 +4,7 @@ import math
 import torch
 
 from ._base import check_betas, check_nonnegative, check_positive
-from ._diagonal import DiagonalVariationalOptimizer, add_damping
+from ._diagonal import DiagonalVariationalOptimizer, add_damping, kl_clip_factor
 
 __all__ = ["VOGN"]
 
@@ -45,6 +45,8 @@ class VOGN(DiagonalVariationalOptimizer):
             estimate of the Gauss-Newton diagonal; see :mod:`pyvarinf2.curvature`).
         likelihood, obs_noise: the likelihood of ``fisher='true'``, as in
             :class:`~pyvarinf2.optim.NoisyAdam`.
+        kl_clip: trust region of the mean step (default None: off), as in
+            :class:`~pyvarinf2.optim.NoisyAdam`.
         mc_samples: M, weight samples per ``step(closure)`` (default 1; the reference code used
             up to 50 — the cost grows linearly).
     """
@@ -52,12 +54,15 @@ class VOGN(DiagonalVariationalOptimizer):
     needs_per_example = True
 
     def __init__(self, var_model, lr=1e-2, betas=(0.9, 0.999), *, dataset_size, kl_weight=1.0,
-                 hess_init=0.0, mc_samples=1,
+                 hess_init=0.0, kl_clip=None, mc_samples=1,
                  fisher="empirical", likelihood="categorical", obs_noise=1.0):
         check_positive("lr", lr)
         betas = check_betas(betas)
         check_nonnegative("hess_init", hess_init)
-        defaults = dict(lr=lr, betas=betas, hess_init=float(hess_init))
+        if kl_clip is not None:
+            check_positive("kl_clip", kl_clip)
+        defaults = dict(lr=lr, betas=betas, hess_init=float(hess_init),
+                        kl_clip=None if kl_clip is None else float(kl_clip))
         super().__init__(var_model, defaults, dataset_size, kl_weight=kl_weight,
                          mc_samples=mc_samples, fisher=fisher, likelihood=likelihood,
                          obs_noise=obs_noise)
@@ -91,8 +96,13 @@ class VOGN(DiagonalVariationalOptimizer):
                 else [1.0] * len(steps)
             # denominators scaled by bc2: s + bc2 δ̃ = bc2 (ŝ + δ̃)
             denoms = add_damping(ggn, self._dampings(group, priors), bc2)
+            nu = kl_clip_factor(lr, exp_avg, denoms,
+                                [b / (1.0 - beta1 ** k) ** 2 for b, k in zip(bc2, steps)],
+                                group["kl_clip"])
+            self.kl_clip_factor = nu
             new_means = torch._foreach_addcdiv(
-                params, exp_avg, denoms, [-lr * b / (1.0 - beta1 ** k) for b, k in zip(bc2, steps)])
+                params, exp_avg, denoms,
+                [-nu * lr * b / (1.0 - beta1 ** k) for b, k in zip(bc2, steps)])
             self._check(max(steps), params, new_means, denoms)
             new_states = [{"step": k, "exp_avg": m, "ggn": s}
                           for k, m, s in zip(steps, exp_avg, ggn)]
