@@ -327,6 +327,18 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
                 terms.append(("gauss", prec * scale, m0))
         return terms
 
+    def _newton_means(self, group, params, exp_avg, denoms, bc2, steps):
+        """New means ``μ - ν α m̂ / (f̂ + γ)`` with the momentum ``exp_avg``, the denominators
+        kept multiplied by ``bc2`` (``f + bc2 γ``) and ν the ``kl_clip`` trust-region factor
+        (stored in :attr:`kl_clip_factor`)."""
+        beta1, lr = group["betas"][0], group["lr"]
+        nu = kl_clip_factor(lr, exp_avg, denoms,
+                            [b / (1.0 - beta1 ** k) ** 2 for b, k in zip(bc2, steps)],
+                            group.get("kl_clip"))
+        self.kl_clip_factor = nu
+        return torch._foreach_addcdiv(
+            params, exp_avg, denoms, [-nu * lr * b / (1.0 - beta1 ** k) for b, k in zip(bc2, steps)])
+
     @staticmethod
     def _dampings(group, priors):
         """δ = λ π / N per param (float or tensor)."""

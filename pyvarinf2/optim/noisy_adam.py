@@ -5,7 +5,7 @@ import math
 import torch
 
 from ._base import check_betas, check_nonnegative, check_positive
-from ._diagonal import DiagonalVariationalOptimizer, add_damping, kl_clip_factor
+from ._diagonal import DiagonalVariationalOptimizer, add_damping
 
 __all__ = ["NoisyAdam"]
 
@@ -113,7 +113,7 @@ class NoisyAdam(DiagonalVariationalOptimizer):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
-            lr, gamma_ex = group["lr"], group["extrinsic_damping"]
+            gamma_ex = group["extrinsic_damping"]
             states = [self.state[p] for p in params]
             steps = [s["step"] + 1 for s in states]
             terms = self._prior_gradient_terms(group, priors, stats)
@@ -131,13 +131,7 @@ class NoisyAdam(DiagonalVariationalOptimizer):
                 denom_mean = [torch.add(d, gamma_ex * b) for d, b in zip(denom_post, bc2)]
             else:
                 denom_mean = denom_post
-            nu = kl_clip_factor(lr, exp_avg, denom_mean,
-                                [b / (1.0 - beta1 ** k) ** 2 for b, k in zip(bc2, steps)],
-                                group["kl_clip"])
-            self.kl_clip_factor = nu
-            new_means = torch._foreach_addcdiv(
-                params, exp_avg, denom_mean,
-                [-nu * lr * b / (1.0 - beta1 ** k) for b, k in zip(bc2, steps)])
+            new_means = self._newton_means(group, params, exp_avg, denom_mean, bc2, steps)
             self._check(max(steps), params, new_means, denom_post)
             new_states = [{"step": k, "exp_avg": m, "fisher": f}
                           for k, m, f in zip(steps, exp_avg, fisher)]

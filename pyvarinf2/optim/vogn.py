@@ -4,7 +4,7 @@ import math
 import torch
 
 from ._base import check_betas, check_nonnegative, check_positive
-from ._diagonal import DiagonalVariationalOptimizer, add_damping, kl_clip_factor
+from ._diagonal import DiagonalVariationalOptimizer, add_damping
 
 __all__ = ["VOGN"]
 
@@ -85,7 +85,6 @@ class VOGN(DiagonalVariationalOptimizer):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
-            lr = group["lr"]
             states = [self.state[p] for p in params]
             steps = [s["step"] + 1 for s in states]
             terms = self._prior_gradient_terms(group, priors, stats)
@@ -96,13 +95,7 @@ class VOGN(DiagonalVariationalOptimizer):
                 else [1.0] * len(steps)
             # denominators scaled by bc2: s + bc2 δ̃ = bc2 (ŝ + δ̃)
             denoms = add_damping(ggn, self._dampings(group, priors), bc2)
-            nu = kl_clip_factor(lr, exp_avg, denoms,
-                                [b / (1.0 - beta1 ** k) ** 2 for b, k in zip(bc2, steps)],
-                                group["kl_clip"])
-            self.kl_clip_factor = nu
-            new_means = torch._foreach_addcdiv(
-                params, exp_avg, denoms,
-                [-nu * lr * b / (1.0 - beta1 ** k) for b, k in zip(bc2, steps)])
+            new_means = self._newton_means(group, params, exp_avg, denoms, bc2, steps)
             self._check(max(steps), params, new_means, denoms)
             new_states = [{"step": k, "exp_avg": m, "ggn": s}
                           for k, m, s in zip(steps, exp_avg, ggn)]
