@@ -110,8 +110,12 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
         raise NotImplementedError
 
     def _curvature_denominator(self, group, state, step):
-        """(tensor c', float scale) such that ``c + δ = (c' + scale·δ) / scale``; default c."""
-        return state[self._curvature_key()], 1.0
+        """(tensor c', float scale) such that ``c + δ = (c' + scale·δ) / scale``: the stored
+        curvature and 1 - β2^k when the average is bias-corrected (:meth:`_bias_corrected`;
+        k = 0: c = 0, any scale > 0 works), else 1."""
+        bc = 1.0 - group["betas"][1] ** step if step > 0 and self._bias_corrected(group) \
+            else 1.0
+        return state[self._curvature_key()], bc
 
     # ------------------------------------------------------------------ hooks / state
     def close(self):
@@ -326,6 +330,43 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
             else:
                 terms.append(("gauss", prec * scale, m0))
         return terms
+
+    def _gauss_newton_step(self, closure):
+        """The step shared by NoisyAdam and VOGN (one algorithm; NoisyAdam adds an extrinsic
+        damping of the mean step)::
+
+            m ← β1 m + (1 - β1)(ĝ + prior gradient);   c ← β2 c + (1 - β2) mean_i g_i²
+            μ ← μ - ν α (m / (1 - β1^k)) / (ĉ + δ + γ_ex);   σ² = λ / (N (ĉ + δ))
+
+        with ĉ = c / (1 - β2^k) when bias-corrected, ν the ``kl_clip`` factor. Returns the
+        closure's mean loss, if any."""
+        key = self._curvature_key()
+        collected, loss = self._collect(closure)
+        for group, (params, stats, priors) in zip(self.param_groups, collected):
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            gamma_ex = group.get("extrinsic_damping", 0.0)
+            states = [self.state[p] for p in params]
+            steps = [s["step"] + 1 for s in states]
+            terms = self._prior_gradient_terms(group, priors, stats)
+            v = self._add_prior(stats["grad"], params, terms)
+            exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], v, 1.0 - beta1)
+            curv = torch._foreach_lerp([s[key] for s in states], stats["sq"], 1.0 - beta2)
+            # with bias correction ĉ = c / bc2: ĉ + δ = (c + bc2 δ) / bc2, so the denominators
+            # are kept multiplied by bc2 (bc2 = 1 without correction)
+            bc2 = [1.0 - beta2 ** k for k in steps] if self._bias_corrected(group) \
+                else [1.0] * len(steps)
+            denom_post = add_damping(curv, self._dampings(group, priors), bc2)
+            denom_mean = denom_post if gamma_ex <= 0 else \
+                [torch.add(d, gamma_ex * b) for d, b in zip(denom_post, bc2)]
+            new_means = self._newton_means(group, params, exp_avg, denom_mean, bc2, steps)
+            self._check(max(steps), params, new_means, denom_post)
+            new_states = [{"step": k, "exp_avg": m, key: c}
+                          for k, m, c in zip(steps, exp_avg, curv)]
+            self._commit(group, params, new_means, denom_post, [0.5 * math.log(b) for b in bc2],
+                         new_states)
+        return loss
 
     def _newton_means(self, group, params, exp_avg, denoms, bc2, steps):
         """New means ``μ - ν α m̂ / (f̂ + γ)`` with the momentum ``exp_avg``, the denominators

@@ -82,6 +82,11 @@ class IVON(DiagonalVariationalOptimizer):
                 "hess": torch.full_like(p, group["hess_init"],
                                         memory_format=torch.preserve_format)}
 
+    @staticmethod
+    def _bias_corrected(group):
+        # IVON's h is never bias-corrected (hess_init is its first term, even when 0)
+        return False
+
     def _curvature_key(self):
         return "hess"
 

@@ -1,11 +1,9 @@
 """Noisy Adam (Zhang, Sun, Duvenaud & Grosse, ICML 2018): natural-gradient VI with a fully
 factorised Gaussian posterior, written as an Adam-like update."""
-import math
-
 import torch
 
 from ._base import check_betas, check_nonnegative, check_positive
-from ._diagonal import DiagonalVariationalOptimizer, add_damping
+from ._diagonal import DiagonalVariationalOptimizer
 
 __all__ = ["NoisyAdam"]
 
@@ -99,42 +97,8 @@ class NoisyAdam(DiagonalVariationalOptimizer):
     def _curvature_key(self):
         return "fisher"
 
-    def _curvature_denominator(self, group, state, step):
-        bc = 1.0 - group["betas"][1] ** step if step > 0 and self._bias_corrected(group) \
-            else 1.0
-        return state["fisher"], bc
-
     @torch.no_grad()
     def step(self, closure=None):
         """One update from the last backward (or from ``closure``, called ``mc_samples``
         times). Returns the closure's mean loss, if any."""
-        collected, loss = self._collect(closure)
-        for group, (params, stats, priors) in zip(self.param_groups, collected):
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            gamma_ex = group["extrinsic_damping"]
-            states = [self.state[p] for p in params]
-            steps = [s["step"] + 1 for s in states]
-            terms = self._prior_gradient_terms(group, priors, stats)
-            v = self._add_prior(stats["grad"], params, terms)
-            exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], v, 1.0 - beta1)
-            fisher = torch._foreach_lerp([s["fisher"] for s in states], stats["sq"], 1.0 - beta2)
-            # with bias correction f̂ = f / bc2: f̂ + γ = (f + bc2 γ) / bc2, so the denominators
-            # are kept multiplied by bc2 (bc2 = 1 without correction)
-            if self._bias_corrected(group):
-                bc2 = [1.0 - beta2 ** k for k in steps]
-            else:
-                bc2 = [1.0] * len(steps)
-            denom_post = add_damping(fisher, self._dampings(group, priors), bc2)
-            if gamma_ex > 0:
-                denom_mean = [torch.add(d, gamma_ex * b) for d, b in zip(denom_post, bc2)]
-            else:
-                denom_mean = denom_post
-            new_means = self._newton_means(group, params, exp_avg, denom_mean, bc2, steps)
-            self._check(max(steps), params, new_means, denom_post)
-            new_states = [{"step": k, "exp_avg": m, "fisher": f}
-                          for k, m, f in zip(steps, exp_avg, fisher)]
-            self._commit(group, params, new_means, denom_post, [0.5 * math.log(b) for b in bc2],
-                         new_states)
-        return loss
+        return self._gauss_newton_step(closure)

@@ -1,10 +1,8 @@
 """VOGN, the variational online Gauss-Newton method (Khan et al. 2018; Osawa et al. 2019)."""
-import math
-
 import torch
 
 from ._base import check_betas, check_nonnegative, check_positive
-from ._diagonal import DiagonalVariationalOptimizer, add_damping
+from ._diagonal import DiagonalVariationalOptimizer
 
 __all__ = ["VOGN"]
 
@@ -70,35 +68,8 @@ class VOGN(DiagonalVariationalOptimizer):
     def _curvature_key(self):
         return "ggn"
 
-    def _curvature_denominator(self, group, state, step):
-        # ŝ + δ̃ = (s + bc δ̃) / bc with bc = 1 - β2^k (k = 0: s = 0, any bc > 0 works)
-        bc = 1.0 - group["betas"][1] ** step if step > 0 and self._bias_corrected(group) \
-            else 1.0
-        return state["ggn"], bc
-
     @torch.no_grad()
     def step(self, closure=None):
         """One update from the last backward (or from ``closure``, called ``mc_samples``
         times). Returns the closure's mean loss, if any."""
-        collected, loss = self._collect(closure)
-        for group, (params, stats, priors) in zip(self.param_groups, collected):
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            states = [self.state[p] for p in params]
-            steps = [s["step"] + 1 for s in states]
-            terms = self._prior_gradient_terms(group, priors, stats)
-            grad = self._add_prior(stats["grad"], params, terms)
-            exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], grad, 1.0 - beta1)
-            ggn = torch._foreach_lerp([s["ggn"] for s in states], stats["sq"], 1.0 - beta2)
-            bc2 = [1.0 - beta2 ** k for k in steps] if self._bias_corrected(group) \
-                else [1.0] * len(steps)
-            # denominators scaled by bc2: s + bc2 δ̃ = bc2 (ŝ + δ̃)
-            denoms = add_damping(ggn, self._dampings(group, priors), bc2)
-            new_means = self._newton_means(group, params, exp_avg, denoms, bc2, steps)
-            self._check(max(steps), params, new_means, denoms)
-            new_states = [{"step": k, "exp_avg": m, "ggn": s}
-                          for k, m, s in zip(steps, exp_avg, ggn)]
-            self._commit(group, params, new_means, denoms, [0.5 * math.log(b) for b in bc2],
-                         new_states)
-        return loss
+        return self._gauss_newton_step(closure)
