@@ -73,10 +73,10 @@ NATURAL_GRADIENT_METHODS = {
 }
 DEFAULT_LR = {"map": 1e-3, "bbb": 1e-3, "noisy_adam": 1e-3, "noisy_kfac": 1e-2,
               "noisy_ekfac": 1e-2, "vogn": 1e-3, "ivon": 1e-1}
-# MNIST-family: the optimizers' own defaults (measured above in classification_config)
-# (noisy_adam/vogn at their default 1e-2 reached 95.7% by epoch 9 of full MNIST, then diverged
-# — 60% at epoch 13 — so the 20-epoch configs use the seed setup's 1e-3)
-CLASSIFICATION_LR = dict(DEFAULT_LR, noisy_adam=1e-3, vogn=1e-3, ivon=0.2)
+# MNIST-family (see classification_config): noisy_adam/vogn at their default 1e-2 reached
+# 95.7% by epoch 9 of full MNIST, then diverged (60% at epoch 13); the tempered configs use
+# 3e-3 under a cosine schedule
+CLASSIFICATION_LR = dict(DEFAULT_LR, noisy_adam=3e-3, vogn=3e-3, ivon=0.2)
 MODEL_KINDS = ("mlp", "lenet")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 
@@ -98,7 +98,8 @@ DEFAULTS = {
     "eval_samples": 10,       # weight samples for the per-epoch test metrics (0: none)
     "noise_prior": [6.0, 6.0],  # Gamma(alpha, beta) prior on the observation-noise precision
     "noise_lr": 1e-2,
-    "lr_decay": None,         # {"step": epochs, "gamma": factor}: StepLR on the optimizer
+    "lr_decay": None,         # {"step": epochs, "gamma": factor}: StepLR on the optimizer;
+    #                           {"cosine": true}: cosine annealing to 0 over the run's epochs
     "train_subset": None,     # keep the first n training examples (quick runs)
     "test_subset": None,
     "seed": 0,
@@ -203,10 +204,13 @@ def resolve_config(cfg, where="config"):
           "name", out["name"], "null or a non-empty string without '/'", where)
     decay = out["lr_decay"]
     if decay is not None:
-        _need(isinstance(decay, dict) and set(decay) == {"step", "gamma"}
-              and _is_int(decay["step"]) and decay["step"] >= 1
-              and _is_num(decay["gamma"]) and 0 < decay["gamma"] <= 1,
-              "lr_decay", decay, 'null or {"step": int >= 1, "gamma": number in (0, 1]}', where)
+        _need(isinstance(decay, dict)
+              and ((set(decay) == {"step", "gamma"}
+                    and _is_int(decay["step"]) and decay["step"] >= 1
+                    and _is_num(decay["gamma"]) and 0 < decay["gamma"] <= 1)
+                   or (set(decay) == {"cosine"} and decay["cosine"] is True)),
+              "lr_decay", decay,
+              'null, {"step": int >= 1, "gamma": number in (0, 1]} or {"cosine": true}', where)
     # -- optimizer / prior
     opt = out["optimizer"]
     _need(isinstance(opt, dict) and all(isinstance(k, str) for k in opt), "optimizer", opt,
@@ -307,29 +311,44 @@ def uci_config(dataset, method):
 
 
 def classification_config(dataset, method):
-    """MNIST-family config after the seed setup: a two-layer fully connected net; noisy K-FAC
-    for 100 epochs decayed 0.1 every 30, the others 20 epochs. The prior is the
-    natural-gradient papers' N(0, η I) with η = 1 for every method: PyVarInf's fan-in rule
-    (std 1/28 on the first layer, a weight decay of 784/N) capped even MAP at 95.4% test
-    accuracy after 20 epochs of the full 60k (784-400-400-10). Learning rates: Adam 1e-3 for
-    map/bbb, IVON's default 0.2, the seed setup's 1e-3 for noisy_adam/vogn (their default 1e-2
-    diverges after ~9 epochs here), 1e-2 for the Kronecker pair."""
-    kfac = method in ("noisy_kfac", "noisy_ekfac")
+    """MNIST-family config: a fully connected net (the results table uses 784-400-400-10),
+    batch 100, 20 epochs.
+
+    Prior N(0, I) (η = 1, as in the natural-gradient papers) for every method but the
+    Kronecker pair, which use PyVarInf's fan-in rule (std 1/sqrt(fan_in), the "He-style" η of
+    the reference code). Untempered (λ = 1) the fan-in prior is a weight decay of 784/N on the
+    first layer and capped even MAP at 95.4% test accuracy here; tempered it is not.
+
+    Learning rates: Adam 1e-3 for map/bbb, IVON's default 0.2, 1e-2 for the Kronecker pair.
+    noisy_adam, vogn and the Kronecker pair train a *tempered* posterior, ``kl_weight`` λ < 1
+    (Zhang et al. 2018 used λ = 0.1-0.5 on CIFAR-10, Osawa et al. 2019 temper VOGN too), with
+    a cosine learning-rate schedule: noisy_adam λ = 0.1 with extrinsic damping 1e-4, vogn (the
+    same step without extrinsic damping) λ = 0.03, the Kronecker pair λ = 0.03;
+    noisy_adam/vogn start narrow (``hess_init`` 0.01) at lr 3e-3. At λ = 1, the untempered
+    ELBO, they fit that objective better than the other methods but stay near 97% test
+    accuracy (results/mnist.md gives both). With the N(0, I) prior the tempered K-FAC
+    posterior keeps the prior's unit variance along the directions its Kronecker factors
+    barely see, and its training NLL rose from epoch 2 on (96.5% after 7 of 20 epochs)."""
+    diag = method in ("noisy_adam", "vogn")
+    kron = method in ("noisy_kfac", "noisy_ekfac")
+    tempered = diag or kron
     return {
         "name": f"{method}_{dataset}",
         "dataset": dataset,
         "model": {"kind": "mlp", "hidden": [400], "activation": "relu"},
         "method": method,
-        "optimizer": {"lr": CLASSIFICATION_LR[method]},
-        "prior": {"kind": "gaussian", "std": 1.0},
+        "optimizer": dict({"lr": CLASSIFICATION_LR[method]},
+                          **({"hess_init": 0.01} if diag else {}),
+                          **({"extrinsic_damping": 1e-4} if method == "noisy_adam" else {})),
+        "prior": {"kind": "gaussian", "std": None if kron else 1.0},
         "init_std": 1e-3,
-        "kl_weight": 1.0,
+        "kl_weight": (0.1 if method == "noisy_adam" else 0.03) if tempered else 1.0,
         "batch_size": 100,
-        "epochs": 100 if kfac else 20,
+        "epochs": 20,
         "train_samples": 1,
         "test_samples": 100,
         "eval_samples": 5,
-        "lr_decay": {"step": 30, "gamma": 0.1} if kfac else None,
+        "lr_decay": {"cosine": True} if tempered else None,
         "seed": 0,
         "device": "cpu",
         "checkpoint_every": 1,
@@ -494,7 +513,11 @@ class Experiment:
             raise ConfigError(f"{where}: bad optimizer hyper-parameters {cfg['optimizer']} for "
                               f"method {self.method!r}: {exc}") from None
         self.scheduler = None
-        if cfg["lr_decay"] is not None:
+        if cfg["lr_decay"] is not None and "cosine" in cfg["lr_decay"]:
+            # stepped once per epoch: the last epoch trains at lr·(1 − cos(π/E))/2, not 0
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimizer, T_max=cfg["epochs"])
+        elif cfg["lr_decay"] is not None:
             self.scheduler = torch.optim.lr_scheduler.StepLR(
                 self.optimizer, step_size=cfg["lr_decay"]["step"], gamma=cfg["lr_decay"]["gamma"])
         self.generator = torch.Generator().manual_seed(cfg["seed"])
@@ -829,6 +852,10 @@ def prepare_run(config, output_dir, data_dir=None, resume=False, overwrite=False
         if differ:
             raise ConfigError(f"--resume: the config differs from the one of the run in "
                               f"{output_dir} in {differ}; only epochs and device may change")
+        if (saved.get("lr_decay") or {}).get("cosine") and mine["epochs"] != saved["epochs"]:
+            raise ConfigError(f"--resume: the run in {output_dir} anneals its learning rate "
+                              f"over epochs = {saved['epochs']} (lr_decay cosine); it cannot "
+                              f"be extended to epochs = {mine['epochs']}")
         config = dict(saved, epochs=mine["epochs"], device=mine["device"])
     elif output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ConfigError(f"output directory {output_dir} is not empty; use --resume to "

@@ -202,6 +202,45 @@ def test_resume_continues_bit_identically(tmp_path, capsys, method):
         assert [r["epoch"] for r in csv.DictReader(fh)] == ["1", "2", "3", "4"]
 
 
+def test_cosine_lr_decay_schedules_resumes_and_refuses_extension(tmp_path, capsys):
+    cfg = tmp_path / "cos.json"
+    cfg.write_text(json.dumps({"method": "noisy_adam", "optimizer": {"lr": 1e-3},
+                               "lr_decay": {"cosine": True}, "epochs": 4}))
+    exp = ex.Experiment(ex.resolve_config(json.loads(cfg.read_text())))
+    lrs = []
+    for _ in range(4):
+        lrs.append(exp.optimizer.param_groups[0]["lr"])
+        exp.scheduler.step()
+    np.testing.assert_allclose(lrs, [1e-3 * (1 + math.cos(math.pi * e / 4)) / 2
+                                     for e in range(4)], rtol=1e-12)
+    for bad in ({"cosine": False}, {"cosine": True, "step": 3}, {"cosine": 1}):
+        with pytest.raises(ex.ConfigError, match="lr_decay"):
+            ex.resolve_config({"lr_decay": bad})
+    # an interrupted cosine run resumes onto the same schedule, bit-identically
+    small = ex.resolve_config(dict(json.loads(cfg.read_text()), train_subset=60, batch_size=10,
+                                   eval_samples=0, test_samples=5))
+    straight = ex.Experiment(small)
+    straight.fit(4)
+    half = ex.Experiment(small)
+    half.fit(2)
+    state = half.state_dict()   # before the next Experiment reseeds the global RNG
+    resumed = ex.Experiment(small)
+    resumed.load_state_dict(state)
+    resumed.fit(4)
+    assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]
+    for (k, v), (_, w) in zip(straight.var_model.named_parameters(),
+                              resumed.var_model.named_parameters()):
+        assert torch.equal(v, w), k
+    # extending it would restart the cosine: refused, and nothing is written
+    rc, _, err = _run(["train", "-o", tmp_path / "run", "--config", cfg, "--epochs", "2"] + TINY,
+                      capsys)
+    assert rc == 0, err
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    rc, _, err = _run(["train", "-o", tmp_path / "run", "--resume", "--epochs", "6"], capsys)
+    assert rc == 2 and "cannot be extended to epochs = 6" in err
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
 def test_flags_override_the_config(tmp_path, capsys):
     cfg = ex.quickstart_config("bbb")
     cfg.update(epochs=50, name="mine")
