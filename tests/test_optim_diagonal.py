@@ -647,3 +647,79 @@ def test_mnist_documented_defaults(cls, data_dir):
         acc_mc = (probs.argmax(1) == yt).float().mean().item()
     assert acc >= 0.90, acc
     assert acc_mc >= 0.885, acc_mc
+
+
+# ----------------------------------------------------------------------------- IVON flat path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("prior_std,clip", [(None, math.inf), (0.7, math.inf), (None, 0.05)],
+                         ids=["fan-in priors", "one prior", "clipped"])
+def test_ivon_flat_path_matches_the_per_tensor_path(dtype, prior_std, clip):
+    """The flat fast path (one vector for the whole group) and the per-tensor path run the same
+    element-wise update; they agree to rounding over many steps, for per-tensor priors (a
+    precision vector) and one shared prior (a scalar), with and without clipping, and the
+    state entries stay the live views of the flat buffers through state_dict / resume."""
+    runs = []
+    for flat in (True, False):
+        torch.manual_seed(0)
+        vm = pyvarinf2.variationalize(make_mlp(dtype))
+        if prior_std is not None:
+            vm.set_prior("gaussian", std=prior_std)
+        opt = IVON(vm, dataset_size=300, lr=0.05, clip_radius=clip)
+        opt.flat_path = flat
+        x, y = toy_batch(dtype=dtype)
+        train_steps(vm, opt, 30, x, y)
+        runs.append((vm, opt))
+    (vf, of), (vt, ot) = runs
+    assert of._flat and not ot._flat          # each took the path it was told to
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    for (n, a), (_, b) in zip(vf.state_dict().items(), vt.state_dict().items()):
+        if torch.is_tensor(a):
+            torch.testing.assert_close(a, b, **tol, msg=n)
+        else:
+            assert a == b, n
+    for p, q in zip(vf.mean_parameters(), vt.mean_parameters()):
+        for key in ("exp_avg", "hess"):
+            torch.testing.assert_close(of.state[p][key], ot.state[q][key], **tol)
+        assert of.state[p]["step"] == ot.state[q]["step"] == 30
+    # the per-parameter state is a live view of the flat buffer
+    plan = next(iter(of._flat.values()))
+    p0 = vf.mean_parameters()[0]
+    assert of.state[p0]["hess"].data_ptr() == plan["h"].data_ptr()
+    # resume from a saved state dict continues bit-identically (the views are rebuilt)
+    saved_model, saved_opt = snapshot(vf, of)
+    train_steps(vf, of, 3, *toy_batch(dtype=dtype, seed=1))
+    vm2 = pyvarinf2.variationalize(make_mlp(dtype))
+    if prior_std is not None:
+        vm2.set_prior("gaussian", std=prior_std)
+    vm2.load_state_dict(saved_model)
+    opt2 = IVON(vm2, dataset_size=300, lr=0.05, clip_radius=clip)
+    opt2.load_state_dict(saved_opt)
+    torch.manual_seed(5)
+    train_steps(vm2, opt2, 3, *toy_batch(dtype=dtype, seed=1))
+    torch.manual_seed(5)
+    vf.load_state_dict(saved_model)
+    of.load_state_dict(saved_opt)
+    train_steps(vf, of, 3, *toy_batch(dtype=dtype, seed=1))
+    for (n, a), (_, b) in zip(vf.state_dict().items(), vm2.state_dict().items()):
+        assert torch.equal(a, b) if torch.is_tensor(a) else a == b, n
+
+
+def test_ivon_flat_path_refuses_a_non_finite_step_and_changes_nothing():
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(make_mlp())
+    opt = IVON(vm, dataset_size=300)
+    x, y = toy_batch()
+    train_steps(vm, opt, 2, x, y)
+    assert opt._flat
+    before_model, before_opt = snapshot(vm, opt)
+    opt.zero_grad()
+    F.cross_entropy(vm(x), y).backward()
+    vm.model[2].weight.grad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="2.weight"):
+        opt.step()
+    for (n, a), (_, b) in zip(vm.state_dict().items(), before_model.items()):
+        assert torch.equal(a, b) if torch.is_tensor(a) else a == b, n
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        for key in ("exp_avg", "hess"):
+            assert torch.equal(opt.state[p][key], before_opt["state"][i][key])
+        assert opt.state[p]["step"] == before_opt["state"][i]["step"] == 2

@@ -65,6 +65,12 @@ class IVON(DiagonalVariationalOptimizer):
                              f"{clip_radius!r}")
         defaults = dict(lr=lr, betas=betas,
                         hess_init=float(hess_init), clip_radius=float(clip_radius))
+        #: run the update on flat buffers where it applies (see ``_flat_plan``); False
+        #: forces the per-tensor path
+        self.flat_path = True
+        #: ... and only for groups whose tensors average at most this many entries
+        self.flat_max_mean_size = 16384
+        self._flat = {}
         super().__init__(var_model, defaults, dataset_size, kl_weight=kl_weight,
                          mc_samples=mc_samples)
 
@@ -100,9 +106,16 @@ class IVON(DiagonalVariationalOptimizer):
     def step(self, closure=None):
         """One update from the last backward (or from ``closure``, called ``mc_samples``
         times). Returns the closure's mean loss, if any."""
+        if closure is None and self.flat_path and self._flat_step_from_grads():
+            return None
         collected, loss = self._collect(closure)
         for group, (params, stats, priors) in zip(self.param_groups, collected):
             if not params:
+                continue
+            plan = self._flat_plan(group, params, priors)
+            if plan is not None:
+                flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+                self._flat_step(group, params, flat(stats["grad"]), flat(stats["hess"]), plan)
                 continue
             beta1, beta2 = group["betas"]
             lr, clip = group["lr"], group["clip_radius"]
@@ -149,6 +162,137 @@ class IVON(DiagonalVariationalOptimizer):
                           for k, m, h in zip(steps, exp_avg, new_hess)]
             self._commit(group, params, new_means, d_new, [0.0] * len(params), new_states)
         return loss
+
+    # ------------------------------------------------------------------ flat fast path
+    # On CPU a multi-tensor (``_foreach``) op is a loop over the tensors, a few µs each; a
+    # network of many small tensors (the README CNN: 12 tensors, 22k weights) then spends
+    # more time in the ~25 per-tensor passes of the update than in arithmetic. Where the
+    # tensors of a group are small on average (``flat_max_mean_size``) and every
+    # parameter of a group shares dtype, device and a contiguous layout, has a Gaussian prior
+    # with mean 0 and the same step count (the usual case), the update runs on one flat
+    # vector: the optimizer state lives in two flat buffers whose views are the per-parameter
+    # state entries (so ``state[p]``, ``state_dict()`` and resume are unchanged), and the
+    # gradients, noise and means are concatenated once per step. The arithmetic is the same
+    # element by element, so both paths agree to rounding (tested).
+
+    def _flat_plan(self, group, params, priors):
+        """The flat buffers of ``group``, built or reused, or ``None`` where the flat path
+        does not apply."""
+        if not self.flat_path:
+            return None
+        # only where per-tensor overhead dominates: the concatenations cost ~5 passes over
+        # the weights, which on the 784-400-400-10 MLP (80k weights a tensor) made the step
+        # 2.37x a plain Adam step against 1.88x per tensor
+        if sum(p.numel() for p in params) > self.flat_max_mean_size * len(params):
+            return None
+        p0 = params[0]
+        if any(p.dtype != p0.dtype or p.device != p0.device or not p.is_contiguous()
+               for p in params):
+            return None
+        if any(m0 != 0.0 or torch.is_tensor(prec) for prec, m0 in priors):
+            return None
+        posts = [self.posterior_of(p) for p in params]
+        if not all(isinstance(getattr(post, "log_std", None), torch.Tensor)
+                   and post.log_std.is_contiguous() for post in posts):
+            return None
+        states = [self.state[p] for p in params]
+        steps = {st["step"] for st in states}
+        if len(steps) != 1:
+            return None
+        precs = [prec for prec, _ in priors]
+        plan = self._flat.get(id(group))
+        if (plan is not None and plan["params"] == [id(p) for p in params]
+                and plan["precs"] == precs
+                and all(st["exp_avg"] is m and st["hess"] is h
+                        for st, m, h in zip(states, plan["m_views"], plan["h_views"]))
+                and all(v.data_ptr() == p.data_ptr() for v, p in zip(plan["p_flat"], params))
+                and all(v.data_ptr() == post.log_std.data_ptr()
+                        for v, post in zip(plan["ls_flat"], posts))):
+            return plan
+        sizes = [p.numel() for p in params]
+        m = torch.cat([st["exp_avg"].reshape(-1) for st in states])
+        h = torch.cat([st["hess"].reshape(-1) for st in states])
+        m_views = [v.view_as(p) for v, p in zip(m.split(sizes), params)]
+        h_views = [v.view_as(p) for v, p in zip(h.split(sizes), params)]
+        for st, mv, hv in zip(states, m_views, h_views):
+            st["exp_avg"], st["hess"] = mv, hv
+        scale = group["kl_weight"] / group["dataset_size"]
+        deltas = [prec * scale for prec in precs]
+        if all(d == deltas[0] for d in deltas):
+            delta = deltas[0]
+        else:
+            delta = torch.cat([torch.full((n,), d, dtype=p0.dtype, device=p0.device)
+                               for n, d in zip(sizes, deltas)])
+        plan = {"params": [id(p) for p in params], "precs": precs, "sizes": sizes,
+                "m": m, "h": h, "m_views": m_views, "h_views": h_views, "delta": delta,
+                # flat views of the means and of the scales, written in place each step
+                "p_flat": [p.view(-1) for p in params],
+                "ls_flat": [post.log_std.view(-1) for post in posts]}
+        self._flat[id(group)] = plan
+        return plan
+
+    def _flat_step_from_grads(self):
+        """The one-sample step (no closure) straight from ``.grad`` and the recorded noise
+        when every group takes the flat path; False (nothing done) otherwise."""
+        todo = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            plan = self._flat_plan(group, params, self._priors_of(params))
+            if plan is None:
+                return False
+            todo.append((group, params, plan))
+        for group, params, plan in todo:
+            grad = torch.cat([p.grad.reshape(-1) for p in params])
+            noise = torch.cat([e.reshape(-1) for e in self._noise_list(params)])
+            self._flat_step(group, params, grad, noise.mul_(grad), plan)   # ĥ·σ = ĝ ε
+        return True
+
+    def _flat_step(self, group, params, grad, h_hat, plan):
+        """The update of :meth:`step` on the flat buffers of ``plan``; ``grad`` and ``h_hat``
+        (ĝ ε, consumed) are flat."""
+        beta1, beta2 = group["betas"]
+        lr, clip = group["lr"], group["clip_radius"]
+        k = self.state[params[0]]["step"] + 1
+        m, h, delta, sizes = plan["m"], plan["h"], plan["delta"], plan["sizes"]
+        mean = torch.cat(plan["p_flat"])
+        a = 1.0 - beta2
+        exp_avg = torch.lerp(m, grad, 1.0 - beta1)
+        d_old = h + delta
+        h_hat.mul_(d_old.sqrt())
+        diff = torch.sub(h, h_hat, alpha=math.sqrt(group["dataset_size"] / group["kl_weight"]))
+        new_hess = torch.add(h, diff, alpha=-a)
+        diff.mul_(diff)
+        new_hess.addcdiv_(diff, d_old, value=0.5 * a * a)
+        d_new = new_hess + delta
+        bc1 = 1.0 - beta1 ** k
+        tensor_delta = torch.is_tensor(delta)
+        if math.isinf(clip):
+            if tensor_delta:
+                new_mean = torch.addcdiv(mean, mean * delta, d_new, value=-lr)
+            else:
+                new_mean = torch.addcdiv(mean, mean, d_new, value=-lr * delta)
+            new_mean.addcdiv_(exp_avg, d_new, value=-lr / bc1)
+        else:
+            num = (torch.addcmul(exp_avg, mean, delta, value=bc1) if tensor_delta
+                   else torch.add(exp_avg, mean, alpha=delta * bc1))
+            upd = num.div_(d_new).mul_(1.0 / bc1).clamp_(-clip, clip)
+            new_mean = torch.add(mean, upd, alpha=-lr)
+        # a sum is finite iff every entry is (NaN and inf propagate), barring an overflow of
+        # the sum itself, which the exact per-tensor test then clears
+        if not math.isfinite(float(new_mean.sum() + d_new.sum())):
+            split = lambda t: [v.view_as(p) for v, p in zip(t.split(sizes), params)]  # noqa: E731
+            self._check(k, params, split(new_mean), split(d_new))   # raises, naming the culprit
+        # commit: means, scales (log σ = ½ log(λ/N) − ½ log(h + δ)), then the state
+        torch._foreach_copy_(plan["p_flat"], new_mean.split(sizes))
+        log_std = d_new.log_().mul_(-0.5).add_(
+            0.5 * math.log(group["kl_weight"] / group["dataset_size"]))
+        torch._foreach_copy_(plan["ls_flat"], log_std.split(sizes))
+        m.copy_(exp_avg)
+        h.copy_(new_hess)
+        for p in params:
+            self.state[p]["step"] = k
 
     @staticmethod
     def _scaled_prior_sum(exp_avg, params, terms, bc1):
