@@ -8,7 +8,9 @@ BatchNorm, batch 128, the same fixed batch every step) each contender runs *bloc
 factor updates: its mean step time is the amortised one. Blocks of the contenders are
 interleaved (round robin) after one warm-up block each, and the median block is reported, so
 machine noise falls evenly on all of them. Every step is the user's loop:
-``zero_grad(); cross_entropy(var_model(x), y).backward(); step()``.
+``zero_grad(); cross_entropy(var_model(x), y).backward(); step()``. The ``_bf16`` contenders
+are the same optimizers with ``matmul_dtype=torch.bfloat16`` (dense products of the mean step
+and of the Kronecker samples in bfloat16).
 
 Writes benchmarks/results/kronecker_step.json with the machine.
 """
@@ -52,8 +54,10 @@ def make_blocks(name, device):
     out["noisy_adam"] = block_of(vm, pyvarinf2.optim.NoisyAdam(vm, lr=1e-3, dataset_size=n))
     for key, cls in (("noisy_kfac", pyvarinf2.optim.NoisyKFAC),
                      ("noisy_ekfac", pyvarinf2.optim.NoisyEKFAC)):
-        vm = pyvarinf2.variationalize(net())
-        out[key] = block_of(vm, cls(vm, lr=1e-2, dataset_size=n, T_cov=10, T_inv=100))
+        for suffix, extra in (("", {}), ("_bf16", {"matmul_dtype": torch.bfloat16})):
+            vm = pyvarinf2.variationalize(net())
+            out[key + suffix] = block_of(vm, cls(vm, lr=1e-2, dataset_size=n, T_cov=10,
+                                                 T_inv=100, **extra))
     return out
 
 
@@ -71,7 +75,8 @@ def main(argv=None):
         med = interleaved(make_blocks(name, args.device), n_steps=args.blocks, warmup=1)
         per_step = {k: v / BLOCK * 1e3 for k, v in med.items()}
         ratios = {f"{k}/noisy_adam": per_step[k] / per_step["noisy_adam"]
-                  for k in ("noisy_kfac", "noisy_ekfac", "adam")}
+                  for k in ("noisy_kfac", "noisy_ekfac", "noisy_kfac_bf16",
+                            "noisy_ekfac_bf16", "adam")}
         results[name] = {"ms_per_step": {k: round(v, 3) for k, v in per_step.items()},
                          "ratios": {k: round(v, 3) for k, v in ratios.items()}}
         print(name, results[name])

@@ -53,6 +53,34 @@ def _gaussian_prior_moments(prior, like):
     return None
 
 
+def matmul_chain(*mats, dtype=None):
+    """``mats[0] @ mats[1] @ ...``; with ``dtype`` (e.g. ``torch.bfloat16``) different from the
+    inputs', the products run in that dtype (accumulating in float32, as oneDNN and cuBLAS do)
+    and the result is cast back."""
+    out_dtype = mats[0].dtype
+    if dtype is None or dtype == out_dtype:
+        out = mats[0]
+        for m in mats[1:]:
+            out = out @ m
+        return out
+    out = mats[0].to(dtype)
+    for m in mats[1:]:
+        out = out @ m.to(dtype)
+    return out.to(out_dtype)
+
+
+def check_matmul_dtype(value):
+    """``None``, or a floating dtype (or its name, ``'bfloat16'``), for :func:`matmul_chain`."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = getattr(torch, value, None) if value.isidentifier() else None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"matmul_dtype must be None, a floating torch.dtype or its name "
+                         f"(e.g. 'bfloat16'), got {value!r}")
+    return value
+
+
 class KroneckerPosterior(Posterior):
     """Matrix-variate Gaussian posterior over a layer's weight (and bias), see the module doc.
 
@@ -90,6 +118,10 @@ class KroneckerPosterior(Posterior):
         self.register_buffer("basis_out", torch.eye(n_out, **kw))
         self.register_buffer("basis_in", torch.eye(n_in, **kw))
         self.register_buffer("std", std)
+        #: dtype of the two products of :meth:`perturbation` (``None``: the posterior's own).
+        #: ``torch.bfloat16`` runs them ~4x faster on a CPU with AVX512-BF16 at ~0.4% relative
+        #: error per entry of the noise; a compute setting, not saved in the state dict
+        self.matmul_dtype = None
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -121,7 +153,8 @@ class KroneckerPosterior(Posterior):
 
     def perturbation(self, noise):
         """``Q_S (std ⊙ E) Q_Aᵀ`` for a standard-normal ``E`` (``out x n_in``)."""
-        return self.basis_out @ (self.std * noise) @ self.basis_in.T
+        return matmul_chain(self.basis_out, self.std * noise, self.basis_in.T,
+                            dtype=self.matmul_dtype)
 
     def sample(self, means, noise=None):
         if noise is None:
