@@ -90,14 +90,7 @@ class VariationalOptimizer(torch.optim.Optimizer):
     """Base class: binds a variational model's mean-field posteriors to optimizer state."""
 
     def __init__(self, var_model, defaults, dataset_size, kl_weight=1.0, mc_samples=1):
-        if not isinstance(var_model, VariationalModel):
-            raise TypeError("var_model must be a VariationalModel (from pyvarinf2.variationalize), "
-                            f"got {type(var_model).__name__}")
-        check_positive_int("dataset_size", dataset_size)
-        check_positive("kl_weight", kl_weight)
-        check_positive_int("mc_samples", mc_samples)
-        if "lr" in defaults:
-            check_positive("lr", defaults["lr"])
+        self.check_common(var_model, dataset_size, kl_weight, mc_samples, defaults.get("lr"))
         names, params = [], []
         for name in var_model.posterior_parameters():
             names.append(name)
@@ -113,6 +106,19 @@ class VariationalOptimizer(torch.optim.Optimizer):
                 self._posteriors[n] = (key, post)
         var_model.record_noise = True
         var_model.scales_require_grad_(False)
+
+    @staticmethod
+    def check_common(var_model, dataset_size, kl_weight, mc_samples, lr=None):
+        """The checks every variational optimizer makes; subclasses that change the model
+        before calling ``__init__`` (NoisyKFAC installs its posteriors) call it first."""
+        if not isinstance(var_model, VariationalModel):
+            raise TypeError("var_model must be a VariationalModel (from pyvarinf2.variationalize), "
+                            f"got {type(var_model).__name__}")
+        check_positive_int("dataset_size", dataset_size)
+        check_positive("kl_weight", kl_weight)
+        check_positive_int("mc_samples", mc_samples)
+        if lr is not None:
+            check_positive("lr", lr)
 
     # ---------------------------------------------------------------- helpers for subclasses
     def name_of(self, p):

@@ -73,9 +73,8 @@ from ..kfac import KFACCapture, kfac_factors
 from ..kronecker import (KroneckerPosterior, check_matmul_dtype, matmul_chain,
                          use_kronecker_posteriors)
 from ..posteriors import MeanFieldPosterior
-from ..variational import VariationalModel
-from ._base import (NonFiniteError, VariationalOptimizer, check_beta, check_nonnegative,
-                    check_positive, check_positive_int)
+from ._base import (NonFiniteError, VariationalOptimizer, check_beta, check_betas,
+                    check_nonnegative, check_positive, check_positive_int)
 
 __all__ = ["NoisyKFAC", "NoisyEKFAC"]
 
@@ -148,12 +147,7 @@ class NoisyKFAC(VariationalOptimizer):
                  damping_mode="pi", fisher="true", likelihood="categorical", obs_noise=1.0,
                  betas=(0.9, 0.999), mc_samples=1, layers=None, matmul_dtype=None):
         # validate everything before the model is touched
-        if not isinstance(var_model, VariationalModel):
-            raise TypeError("var_model must be a VariationalModel (from pyvarinf2.variationalize), "
-                            f"got {type(var_model).__name__}")
-        check_positive("lr", lr)
-        check_positive_int("dataset_size", dataset_size)
-        check_positive("kl_weight", kl_weight)
+        self.check_common(var_model, dataset_size, kl_weight, mc_samples, lr)
         check_nonnegative("extrinsic_damping", extrinsic_damping)
         check_beta("cov_decay", cov_decay)
         T_cov = check_positive_int("T_cov", T_cov)
@@ -166,11 +160,7 @@ class NoisyKFAC(VariationalOptimizer):
         _check_choice("likelihood", likelihood, ("categorical", "gaussian"))
         if not callable(obs_noise):
             check_positive("obs_noise", obs_noise)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        check_beta("betas[0]", betas[0])
-        check_beta("betas[1]", betas[1])
-        check_positive_int("mc_samples", mc_samples)
+        betas = check_betas(betas)
         matmul_dtype = check_matmul_dtype(matmul_dtype)
         if layers is not None and not (callable(layers) or isinstance(layers, (str, type, list,
                                                                               tuple))):
@@ -183,7 +173,7 @@ class NoisyKFAC(VariationalOptimizer):
                         T_inv=T_inv, momentum=float(momentum),
                         kl_clip=None if kl_clip is None else float(kl_clip),
                         damping_mode=damping_mode, fisher=fisher, likelihood=likelihood,
-                        betas=(float(betas[0]), float(betas[1])))
+                        betas=betas)
         super().__init__(var_model, defaults, dataset_size, kl_weight=kl_weight,
                          mc_samples=mc_samples)
         self.obs_noise = obs_noise
