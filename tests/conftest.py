@@ -1,5 +1,6 @@
 import os
 import pathlib
+import subprocess
 
 import pytest
 import torch
@@ -7,12 +8,30 @@ import torch
 HERE = pathlib.Path(__file__).resolve().parent
 
 
+def _origin_checkout():
+    """The local repository this checkout was cloned from, if any (``git clone . /tmp/x``)."""
+    try:
+        url = subprocess.run(["git", "-C", str(HERE), "config", "--get", "remote.origin.url"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    path = pathlib.Path(url) if url and "://" not in url and ":" not in url[:3] else None
+    return path if path is not None and path.is_dir() else None
+
+
 def data_root():
-    """Real data: $PYVARINF2_DATA, else ../shared/data beside the checkout."""
+    """Real data: $PYVARINF2_DATA, else ../shared/data beside the checkout, else beside the
+    local repository it was cloned from (a fresh clone in /tmp finds the same data)."""
     env = os.environ.get("PYVARINF2_DATA")
     if env:
         return pathlib.Path(env)
-    return HERE.parent.parent / "shared" / "data"
+    beside = HERE.parent.parent / "shared" / "data"
+    if (beside / "mnist").is_dir():
+        return beside
+    origin = _origin_checkout()
+    if origin is not None and (origin.resolve().parent / "shared" / "data" / "mnist").is_dir():
+        return origin.resolve().parent / "shared" / "data"
+    return beside
 
 
 @pytest.fixture
