@@ -51,6 +51,14 @@ def batch_for(name, batch_size=128, seed=0):
     return x, y
 
 
+def batch_pool(name, n_batches=32, batch_size=128, device="cpu"):
+    """``n_batches`` random batches (inputs and labels) to cycle through: a benchmark that
+    trains on one fixed batch memorises its random labels within tens of steps, and a
+    true-Fisher optimizer (whose curvature then vanishes) can diverge on it."""
+    return [tuple(t.to(device) for t in batch_for(name, batch_size, seed=i))
+            for i in range(n_batches)]
+
+
 def interleaved(step_fns, n_steps=60, warmup=10):
     """Time each callable ``n_steps`` times, round-robin, after ``warmup`` rounds.
 

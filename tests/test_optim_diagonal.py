@@ -723,3 +723,74 @@ def test_ivon_flat_path_refuses_a_non_finite_step_and_changes_nothing():
         for key in ("exp_avg", "hess"):
             assert torch.equal(opt.state[p][key], before_opt["state"][i][key])
         assert opt.state[p]["step"] == before_opt["state"][i]["step"] == 2
+
+
+def test_ivon_flat_path_follows_changes_made_between_steps():
+    """The flat path checks a cheap fingerprint each step and rebuilds its plan when anything
+    it cached changes; the per-tensor path caches nothing. Both see the same changes between
+    steps — a new prior, a new kl_weight in the param group, a parameter given new storage,
+    an optimizer state loaded from a snapshot — and must still agree to rounding."""
+    def run(flat):
+        torch.manual_seed(0)
+        vm = pyvarinf2.variationalize(make_mlp(torch.float64))
+        opt = IVON(vm, dataset_size=300, lr=0.05)
+        opt.flat_path = flat
+        x, y = toy_batch(dtype=torch.float64)
+        plans = []
+        train_steps(vm, opt, 4, x, y)
+        plans.append(opt._flat.get(id(opt.param_groups[0])))
+        saved = copy.deepcopy(opt.state_dict())
+        vm.set_prior("gaussian", std=0.3)
+        train_steps(vm, opt, 4, x, y)
+        plans.append(opt._flat.get(id(opt.param_groups[0])))
+        opt.param_groups[0]["kl_weight"] = 0.5
+        train_steps(vm, opt, 4, x, y)
+        plans.append(opt._flat.get(id(opt.param_groups[0])))
+        w = vm.model[0].weight
+        w.data = w.data.clone()               # the parameter leaves the flat buffer
+        train_steps(vm, opt, 4, x, y)
+        plans.append(opt._flat.get(id(opt.param_groups[0])))
+        opt.load_state_dict(saved)
+        train_steps(vm, opt, 4, x, y)
+        plans.append(opt._flat.get(id(opt.param_groups[0])))
+        return vm, opt, plans
+
+    (vf, of, plans), (vt, ot, none) = run(True), run(False)
+    assert all(p is None for p in none)
+    # every change made the flat path build a new plan
+    assert all(p is not None for p in plans)
+    assert len({id(p) for p in plans}) == len(plans), [id(p) for p in plans]
+    for (n, a), (_, b) in zip(vf.state_dict().items(), vt.state_dict().items()):
+        if torch.is_tensor(a):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=n)
+    for p, q in zip(vf.mean_parameters(), vt.mean_parameters()):
+        for key in ("exp_avg", "hess"):
+            torch.testing.assert_close(of.state[p][key], ot.state[q][key], rtol=1e-10,
+                                       atol=1e-12)
+
+
+def test_ivon_flat_path_keeps_means_and_scales_in_one_buffer_each():
+    """Where the flat path applies, the model's means (and the posterior scales) become views
+    of one buffer, with their values unchanged, so a step reads and writes them whole; the
+    model, its state dict and its copies behave as before."""
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(make_mlp())
+    before = {k: v.clone() for k, v in vm.state_dict().items() if torch.is_tensor(v)}
+    opt = IVON(vm, dataset_size=300, lr=1e-30)   # the means do not move
+    opt.zero_grad()
+    F.cross_entropy(vm(toy_batch()[0]), toy_batch()[1]).backward()
+    opt.step()
+    plan = opt._flat[id(opt.param_groups[0])]
+    means = vm.mean_parameters()
+    assert len({p.untyped_storage().data_ptr() for p in means}) == 1
+    assert means[0].untyped_storage().data_ptr() == plan["p_buf"].untyped_storage().data_ptr()
+    for k, v in vm.state_dict().items():
+        if torch.is_tensor(v) and "log_std" not in k:
+            assert torch.equal(v, before[k]), k
+    clone = copy.deepcopy(vm)
+    for (k, a), (_, b) in zip(vm.state_dict().items(), clone.state_dict().items()):
+        assert torch.equal(a, b) if torch.is_tensor(a) else a == b, k
+    # writing a parameter in place writes the buffer the next step reads
+    with torch.no_grad():
+        means[0].add_(1.0)
+    assert torch.equal(plan["p_buf"][:means[0].numel()], means[0].reshape(-1))

@@ -210,3 +210,5 @@ class VariationalOptimizer(torch.optim.Optimizer):
             post.set_stddev(v)
         for p, st in states.items():
             self.state[p].update(st)
+        if states:
+            self._state_epoch = getattr(self, "_state_epoch", 0) + 1

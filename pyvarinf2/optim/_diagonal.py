@@ -129,8 +129,12 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
         if self._collector is not None:
             self._collector.reset()
 
+    #: moves whenever the state is written other than in place (flat paths cache views of it)
+    _state_epoch = 0
+
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
+        self._state_epoch += 1
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state[p]
@@ -424,6 +428,7 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
                 _set_log_std(post, ls)
         for p, st in zip(params, new_states):
             self.state[p].update(st)
+        self._state_epoch += 1
 
 
 def kl_clip_factor(lr, exp_avg, denoms, coeffs, kl_clip):

@@ -65,7 +65,8 @@ class IVON(DiagonalVariationalOptimizer):
                              f"{clip_radius!r}")
         defaults = dict(lr=lr, betas=betas,
                         hess_init=float(hess_init), clip_radius=float(clip_radius))
-        #: run the update on flat buffers where it applies (see ``_flat_plan``); False
+        #: run the update on flat buffers where it applies (see ``_flat_plan``; the means and
+        #: scales of such a group then live in one buffer each, as views); False
         #: forces the per-tensor path
         self.flat_path = True
         #: ... and only for groups whose tensors average at most this many entries
@@ -73,6 +74,10 @@ class IVON(DiagonalVariationalOptimizer):
         self._flat = {}
         super().__init__(var_model, defaults, dataset_size, kl_weight=kl_weight,
                          mc_samples=mc_samples)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._flat.clear()      # plans are keyed by param group, and the groups are new
 
     @staticmethod
     def prior_std_for_weight_decay(weight_decay, dataset_size, kl_weight=1.0):
@@ -171,9 +176,15 @@ class IVON(DiagonalVariationalOptimizer):
     # parameter of a group shares dtype, device and a contiguous layout, has a Gaussian prior
     # with mean 0 and the same step count (the usual case), the update runs on one flat
     # vector: the optimizer state lives in two flat buffers whose views are the per-parameter
-    # state entries (so ``state[p]``, ``state_dict()`` and resume are unchanged), and the
-    # gradients, noise and means are concatenated once per step. The arithmetic is the same
-    # element by element, so both paths agree to rounding (tested).
+    # state entries (so ``state[p]``, ``state_dict()`` and resume are unchanged); the means
+    # and the posterior scales are moved, values unchanged, into one flat buffer each (every
+    # parameter becomes a view of it, as ``p.data = view``), so a step reads the means and
+    # writes means and scales whole; the noise of the sample already is one flat buffer
+    # (``variational._flat_noise``) and only the gradients are concatenated. A plan is
+    # reused while a cheap fingerprint holds (the parameters, their prior objects, where
+    # means and scales live, the state object and ``_state_epoch``, λ/N); anything else
+    # rebuilds it. The arithmetic is the same element by element, so both paths agree to
+    # rounding (tested, including changes made between steps).
 
     def _flat_plan(self, group, params, priors):
         """The flat buffers of ``group``, built or reused, or ``None`` where the flat path
@@ -201,35 +212,100 @@ class IVON(DiagonalVariationalOptimizer):
             return None
         precs = [prec for prec, _ in priors]
         plan = self._flat.get(id(group))
+        scale = group["kl_weight"] / group["dataset_size"]
         if (plan is not None and plan["params"] == [id(p) for p in params]
-                and plan["precs"] == precs
+                and plan["precs"] == precs and plan["scale"] == scale
                 and all(st["exp_avg"] is m and st["hess"] is h
                         for st, m, h in zip(states, plan["m_views"], plan["h_views"]))
                 and all(v.data_ptr() == p.data_ptr() for v, p in zip(plan["p_flat"], params))
                 and all(v.data_ptr() == post.log_std.data_ptr()
                         for v, post in zip(plan["ls_flat"], posts))):
+            plan["states"] = states
+            plan["fingerprint"] = self._flat_fingerprint(group, params)
             return plan
         sizes = [p.numel() for p in params]
+        # the means and the scales move into one flat buffer each (the values are kept; each
+        # parameter becomes a view of its buffer), so that a step reads and writes them whole
+        p_buf = torch.cat([p.detach().reshape(-1) for p in params])
+        ls_buf = torch.cat([post.log_std.detach().reshape(-1) for post in posts])
+        for t, v in zip(params, p_buf.split(sizes)):
+            t.data = v.view_as(t)
+        for post, v in zip(posts, ls_buf.split(sizes)):
+            post.log_std.data = v.view_as(post.log_std)
         m = torch.cat([st["exp_avg"].reshape(-1) for st in states])
         h = torch.cat([st["hess"].reshape(-1) for st in states])
         m_views = [v.view_as(p) for v, p in zip(m.split(sizes), params)]
         h_views = [v.view_as(p) for v, p in zip(h.split(sizes), params)]
         for st, mv, hv in zip(states, m_views, h_views):
             st["exp_avg"], st["hess"] = mv, hv
-        scale = group["kl_weight"] / group["dataset_size"]
         deltas = [prec * scale for prec in precs]
         if all(d == deltas[0] for d in deltas):
             delta = deltas[0]
         else:
             delta = torch.cat([torch.full((n,), d, dtype=p0.dtype, device=p0.device)
                                for n, d in zip(sizes, deltas)])
-        plan = {"params": [id(p) for p in params], "precs": precs, "sizes": sizes,
-                "m": m, "h": h, "m_views": m_views, "h_views": h_views, "delta": delta,
-                # flat views of the means and of the scales, written in place each step
+        plan = {"params": [id(p) for p in params], "precs": precs, "scale": scale,
+                "sizes": sizes, "m": m, "h": h, "m_views": m_views, "h_views": h_views,
+                "delta": delta, "p_buf": p_buf, "ls_buf": ls_buf,
+                # flat views of the means and of the scales: they show that every parameter
+                # still lives in the buffers
                 "p_flat": [p.view(-1) for p in params],
-                "ls_flat": [post.log_std.view(-1) for post in posts]}
+                "ls_flat": [post.log_std.view(-1) for post in posts],
+                "states": states,
+                "noise_keys": [self._posteriors[self._names[p]][0] for p in params]}
+        plan["fingerprint"] = self._flat_fingerprint(group, params)
         self._flat[id(group)] = plan
         return plan
+
+    def _flat_fingerprint(self, group, params):
+        """What a valid plan depends on beyond its own buffers, cheap to check every step: the
+        parameters, their priors (``set_prior`` replaces prior objects, never changes them),
+        where the means and scales live, the state (``_state_epoch`` moves whenever the
+        per-tensor path or ``load_state_dict`` writes it) and the damping scale λ/N."""
+        names = [self._names[p] for p in params]
+        posts = [self._posteriors[n][1] for n in names]
+        priors = self.var_model._priors
+        return {"params": list(params), "names": names, "posts": posts,
+                "priors": [priors.get(n) for n in names],
+                "ptrs": [p.data_ptr() for p in params],
+                "ls_ptrs": [post.log_std.data_ptr() for post in posts],
+                "state": self.state, "epoch": self._state_epoch,
+                "limit": self.flat_max_mean_size,
+                "scale": group["kl_weight"] / group["dataset_size"]}
+
+    def _flat_plan_cached(self, group, params):
+        """The plan of ``group`` when nothing it depends on changed since the last step."""
+        plan = self._flat.get(id(group))
+        if plan is None:
+            return None
+        fp = plan["fingerprint"]
+        if not (self.state is fp["state"] and self._state_epoch == fp["epoch"]
+                and self.flat_max_mean_size == fp["limit"]
+                and group["kl_weight"] / group["dataset_size"] == fp["scale"]
+                and len(params) == len(fp["params"])
+                and all(a is b for a, b in zip(params, fp["params"]))):
+            return None
+        priors = self.var_model._priors
+        if not (all(priors.get(n) is o for n, o in zip(fp["names"], fp["priors"]))
+                and all(p.data_ptr() == q for p, q in zip(params, fp["ptrs"]))
+                and all(post.log_std.data_ptr() == q
+                        for post, q in zip(fp["posts"], fp["ls_ptrs"]))):
+            return None
+        return plan
+
+    @staticmethod
+    def _as_flat(tensors, total):
+        """The 1-D tensor whose consecutive pieces ``tensors`` are (the noise buffer of a
+        sample), or ``None``."""
+        base = tensors[0]._base
+        if base is None or base.dim() != 1 or base.numel() != total:
+            return None
+        offset = base.storage_offset()
+        for t in tensors:
+            if t._base is not base or t.storage_offset() != offset:
+                return None
+            offset += t.numel()
+        return base
 
     def _flat_step_from_grads(self):
         """The one-sample step (no closure) straight from ``.grad`` and the recorded noise
@@ -239,14 +315,23 @@ class IVON(DiagonalVariationalOptimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            plan = self._flat_plan(group, params, self._priors_of(params))
+            plan = self._flat_plan_cached(group, params)
+            if plan is None:
+                plan = self._flat_plan(group, params, self._priors_of(params))
             if plan is None:
                 return False
             todo.append((group, params, plan))
+        record = self.var_model.last_noise
         for group, params, plan in todo:
             grad = torch.cat([p.grad.reshape(-1) for p in params])
-            noise = torch.cat([e.reshape(-1) for e in self._noise_list(params)])
-            self._flat_step(group, params, grad, noise.mul_(grad), plan)   # ĥ·σ = ĝ ε
+            if record is not None and all(k in record for k in plan["noise_keys"]):
+                noise = [record[k][0] for k in plan["noise_keys"]]
+            else:
+                noise = self._noise_list(params)     # raises the explanatory error
+            flat = self._as_flat(noise, grad.numel())
+            h_hat = (torch.mul(flat, grad) if flat is not None
+                     else torch.cat([e.reshape(-1) for e in noise]).mul_(grad))
+            self._flat_step(group, params, grad, h_hat, plan)   # ĥ·σ = ĝ ε
         return True
 
     def _flat_step(self, group, params, grad, h_hat, plan):
@@ -254,9 +339,10 @@ class IVON(DiagonalVariationalOptimizer):
         (ĝ ε, consumed) are flat."""
         beta1, beta2 = group["betas"]
         lr, clip = group["lr"], group["clip_radius"]
-        k = self.state[params[0]]["step"] + 1
+        states = plan["states"]
+        k = states[0]["step"] + 1
         m, h, delta, sizes = plan["m"], plan["h"], plan["delta"], plan["sizes"]
-        mean = torch.cat(plan["p_flat"])
+        mean = plan["p_buf"]
         a = 1.0 - beta2
         exp_avg = torch.lerp(m, grad, 1.0 - beta1)
         d_old = h + delta
@@ -285,14 +371,13 @@ class IVON(DiagonalVariationalOptimizer):
             split = lambda t: [v.view_as(p) for v, p in zip(t.split(sizes), params)]  # noqa: E731
             self._check(k, params, split(new_mean), split(d_new))   # raises, naming the culprit
         # commit: means, scales (log σ = ½ log(λ/N) − ½ log(h + δ)), then the state
-        torch._foreach_copy_(plan["p_flat"], new_mean.split(sizes))
-        log_std = d_new.log_().mul_(-0.5).add_(
-            0.5 * math.log(group["kl_weight"] / group["dataset_size"]))
-        torch._foreach_copy_(plan["ls_flat"], log_std.split(sizes))
+        mean.copy_(new_mean)
+        log_std = torch.log(d_new, out=plan["ls_buf"])
+        log_std.mul_(-0.5).add_(0.5 * math.log(group["kl_weight"] / group["dataset_size"]))
         m.copy_(exp_avg)
         h.copy_(new_hess)
-        for p in params:
-            self.state[p]["step"] = k
+        for st in states:
+            st["step"] = k
 
     @staticmethod
     def _scaled_prior_sum(exp_avg, params, terms, bc1):
