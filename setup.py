@@ -23,7 +23,8 @@ setup(
     ],
     extras_require={
         "vision": ["torchvision>=0.16"],
-        "test": ["pytest>=7", "hypothesis>=6.50", "nbclient>=0.7", "nbformat>=5", "ipykernel>=6"],
+        "test": ["pytest>=7", "hypothesis>=6.50", "nbclient>=0.7", "nbformat>=5", "ipykernel>=6",
+                 "tensorboard>=2.10"],
         "docs": ["sphinx>=6"],
         "tensorboard": ["tensorboard>=2.10"],
     },

@@ -1,6 +1,6 @@
 """Step time of the diagonal natural-gradient optimizers against a plain Adam step.
 
-    python benchmarks/bench_diagonal.py [--steps 60] [--device cpu|cuda] [--no-ivon-opt]
+    python benchmarks/bench_diagonal.py [--steps 60] [--repeats 1] [--device cpu|cuda] [--no-ivon-opt]
 
 One process, interleaved steps (round-robin), median of ``--steps`` steps for each contender, on
 the 784-400-400-10 MLP and the PyVarInf README CNN (with BatchNorm), batch 128 (each
@@ -21,6 +21,7 @@ import argparse
 import copy
 import itertools
 import os
+import statistics
 import sys
 
 import torch
@@ -116,6 +117,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default); 1 avoids the pathological "
                          "slow-downs of OpenMP on a CPU shared with other processes")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="fresh contenders per network; the reported ratio of each contender "
+                         "is the median over the repeats (with the range)")
     ap.add_argument("--out", default="diagonal_step.json")
     args = ap.parse_args(argv)
     if args.threads:
@@ -123,12 +127,21 @@ def main(argv=None):
     ivon_pkg = None if args.no_ivon_opt else _import_ivon(args.ivon_path)
     results = {}
     for name in args.models.split(","):
-        med = interleaved(make_steps(name, args.device, ivon_pkg), n_steps=args.steps)
-        base = med["plain_adam"]
-        results[name] = {k + "_ms": 1e3 * v for k, v in med.items()}
-        results[name].update({k + "_ratio": v / base for k, v in med.items() if k != "plain_adam"})
-        print(f"{name:11s} plain Adam {1e3 * base:7.2f} ms   " + "   ".join(
-            f"{k} {v / base:.2f}x" for k, v in med.items() if k != "plain_adam"))
+        runs = [interleaved(make_steps(name, args.device, ivon_pkg), n_steps=args.steps)
+                for _ in range(args.repeats)]
+        keys = list(runs[0])
+        ms = {k: statistics.median(r[k] for r in runs) for k in keys}
+        ratios = {k: sorted(r[k] / r["plain_adam"] for r in runs)
+                  for k in keys if k != "plain_adam"}
+        results[name] = {k + "_ms": 1e3 * v for k, v in ms.items()}
+        results[name].update({k + "_ratio": statistics.median(v) for k, v in ratios.items()})
+        if args.repeats > 1:
+            results[name].update({k + "_ratio_range": [v[0], v[-1]] for k, v in ratios.items()})
+            results[name]["repeats"] = args.repeats
+        print(f"{name:11s} plain Adam {1e3 * ms['plain_adam']:7.2f} ms   " + "   ".join(
+            f"{k} {statistics.median(v):.2f}x" + (f" ({v[0]:.2f}-{v[-1]:.2f})"
+                                                   if args.repeats > 1 else "")
+            for k, v in ratios.items()))
     path = write_results(args.out, {
         "benchmark": "diagonal natural-gradient training step / plain Adam step "
                      "(median, interleaved, one process)",

@@ -416,6 +416,25 @@ def test_observation_noise_kl_and_expected_nll():
     assert ex.ObservationNoise(6.0, 6.0).kl().item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_metrics_are_written_as_tensorboard_events(tmp_path, capsys):
+    """The real writer (tensorboard is in the test extras): the event file read back with
+    TensorBoard's own reader holds every per-epoch metric of metrics.csv."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    rc, _, err = _run(["train", "-o", tmp_path / "r", "--epochs", "2"] + TINY, capsys)
+    assert rc == 0, err
+    with open(tmp_path / "r" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    acc = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for key in ("train_nll", "train_loss", "test_rmse", "test_ll"):
+        assert key in tags, sorted(tags)
+        events = {e.step: e.value for e in acc.Scalars(key)}
+        assert sorted(events) == [int(row["epoch"]) for row in rows]
+        for row in rows:
+            assert events[int(row["epoch"])] == pytest.approx(float(row[key]), rel=1e-6)
+
+
 def test_metrics_go_to_tensorboard_when_available(tmp_path, capsys, monkeypatch):
     calls = []
 

@@ -65,8 +65,7 @@ class IVON(DiagonalVariationalOptimizer):
                              f"{clip_radius!r}")
         defaults = dict(lr=lr, betas=betas,
                         hess_init=float(hess_init), clip_radius=float(clip_radius))
-        #: run the update on flat buffers where it applies (see ``_flat_plan``; the means and
-        #: scales of such a group then live in one buffer each, as views); False
+        #: run the update on flat buffers where it applies (see ``_flat_plan``); False
         #: forces the per-tensor path
         self.flat_path = True
         #: ... and only for groups whose tensors average at most this many entries
@@ -176,15 +175,12 @@ class IVON(DiagonalVariationalOptimizer):
     # parameter of a group shares dtype, device and a contiguous layout, has a Gaussian prior
     # with mean 0 and the same step count (the usual case), the update runs on one flat
     # vector: the optimizer state lives in two flat buffers whose views are the per-parameter
-    # state entries (so ``state[p]``, ``state_dict()`` and resume are unchanged); the means
-    # and the posterior scales are moved, values unchanged, into one flat buffer each (every
-    # parameter becomes a view of it, as ``p.data = view``), so a step reads the means and
-    # writes means and scales whole; the noise of the sample already is one flat buffer
-    # (``variational._flat_noise``) and only the gradients are concatenated. A plan is
-    # reused while a cheap fingerprint holds (the parameters, their prior objects, where
-    # means and scales live, the state object and ``_state_epoch``, λ/N); anything else
-    # rebuilds it. The arithmetic is the same element by element, so both paths agree to
-    # rounding (tested, including changes made between steps).
+    # state entries (so ``state[p]``, ``state_dict()`` and resume are unchanged); the noise of
+    # the sample already is one flat buffer (``variational._flat_noise``), the gradients and
+    # means are concatenated once per step. A plan is reused while a cheap fingerprint holds
+    # (the parameters, their prior objects, where means and scales live, the state object and
+    # ``_state_epoch``, λ/N); anything else rebuilds it. The arithmetic is the same element by
+    # element, so both paths agree to rounding (tested, including changes made between steps).
 
     def _flat_plan(self, group, params, priors):
         """The flat buffers of ``group``, built or reused, or ``None`` where the flat path
@@ -224,14 +220,6 @@ class IVON(DiagonalVariationalOptimizer):
             plan["fingerprint"] = self._flat_fingerprint(group, params)
             return plan
         sizes = [p.numel() for p in params]
-        # the means and the scales move into one flat buffer each (the values are kept; each
-        # parameter becomes a view of its buffer), so that a step reads and writes them whole
-        p_buf = torch.cat([p.detach().reshape(-1) for p in params])
-        ls_buf = torch.cat([post.log_std.detach().reshape(-1) for post in posts])
-        for t, v in zip(params, p_buf.split(sizes)):
-            t.data = v.view_as(t)
-        for post, v in zip(posts, ls_buf.split(sizes)):
-            post.log_std.data = v.view_as(post.log_std)
         m = torch.cat([st["exp_avg"].reshape(-1) for st in states])
         h = torch.cat([st["hess"].reshape(-1) for st in states])
         m_views = [v.view_as(p) for v, p in zip(m.split(sizes), params)]
@@ -246,9 +234,8 @@ class IVON(DiagonalVariationalOptimizer):
                                for n, d in zip(sizes, deltas)])
         plan = {"params": [id(p) for p in params], "precs": precs, "scale": scale,
                 "sizes": sizes, "m": m, "h": h, "m_views": m_views, "h_views": h_views,
-                "delta": delta, "p_buf": p_buf, "ls_buf": ls_buf,
-                # flat views of the means and of the scales: they show that every parameter
-                # still lives in the buffers
+                "delta": delta,
+                # flat views of the means and of the scales, written in place each step
                 "p_flat": [p.view(-1) for p in params],
                 "ls_flat": [post.log_std.view(-1) for post in posts],
                 "states": states,
@@ -342,7 +329,7 @@ class IVON(DiagonalVariationalOptimizer):
         states = plan["states"]
         k = states[0]["step"] + 1
         m, h, delta, sizes = plan["m"], plan["h"], plan["delta"], plan["sizes"]
-        mean = plan["p_buf"]
+        mean = torch.cat(plan["p_flat"])
         a = 1.0 - beta2
         exp_avg = torch.lerp(m, grad, 1.0 - beta1)
         d_old = h + delta
@@ -371,9 +358,10 @@ class IVON(DiagonalVariationalOptimizer):
             split = lambda t: [v.view_as(p) for v, p in zip(t.split(sizes), params)]  # noqa: E731
             self._check(k, params, split(new_mean), split(d_new))   # raises, naming the culprit
         # commit: means, scales (log σ = ½ log(λ/N) − ½ log(h + δ)), then the state
-        mean.copy_(new_mean)
-        log_std = torch.log(d_new, out=plan["ls_buf"])
-        log_std.mul_(-0.5).add_(0.5 * math.log(group["kl_weight"] / group["dataset_size"]))
+        torch._foreach_copy_(plan["p_flat"], new_mean.split(sizes))
+        log_std = d_new.log_().mul_(-0.5).add_(
+            0.5 * math.log(group["kl_weight"] / group["dataset_size"]))
+        torch._foreach_copy_(plan["ls_flat"], log_std.split(sizes))
         m.copy_(exp_avg)
         h.copy_(new_hess)
         for st in states:
