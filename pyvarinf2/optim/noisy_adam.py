@@ -55,6 +55,9 @@ class NoisyAdam(DiagonalVariationalOptimizer):
             extra pass inside the forward: an unbiased estimate of the Gauss-Newton diagonal,
             which the empirical Fisher underestimates on examples the model already fits; see
             :mod:`pyvarinf2.curvature`). ``'true'`` costs the input-gradient half of a backward.
+            Where labels disagree with the predictive (noisy labels) the true Fisher can be far
+            below the squared gradients and the mean step large: add ``extrinsic_damping``
+            (e.g. 1e-3) there.
         likelihood: for ``fisher='true'``: ``'categorical'`` (outputs are logits over dim 1) or
             ``'gaussian'`` (outputs are the regression mean).
         obs_noise: for ``likelihood='gaussian'``: the observation-noise std (a number or a
