@@ -89,6 +89,9 @@ def _sums_finite(tensors):
 class VariationalOptimizer(torch.optim.Optimizer):
     """Base class: binds a variational model's mean-field posteriors to optimizer state."""
 
+    #: moves whenever the state is written other than in place (flat paths cache views of it)
+    _state_epoch = 0
+
     def __init__(self, var_model, defaults, dataset_size, kl_weight=1.0, mc_samples=1):
         self.check_common(var_model, dataset_size, kl_weight, mc_samples, defaults.get("lr"))
         names, params = [], []
@@ -211,4 +214,4 @@ class VariationalOptimizer(torch.optim.Optimizer):
         for p, st in states.items():
             self.state[p].update(st)
         if states:
-            self._state_epoch = getattr(self, "_state_epoch", 0) + 1
+            self._state_epoch += 1

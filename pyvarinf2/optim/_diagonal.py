@@ -129,9 +129,6 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
         if self._collector is not None:
             self._collector.reset()
 
-    #: moves whenever the state is written other than in place (flat paths cache views of it)
-    _state_epoch = 0
-
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         self._state_epoch += 1
