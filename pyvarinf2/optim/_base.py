@@ -73,16 +73,16 @@ def check_positive_int(name, value):
     return int(value)
 
 
-def _sums_finite(tensors):
-    """True when every entry of every tensor is finite, decided cheaply: a sum is finite iff
-    all its terms are (NaN and inf propagate), barring an overflow of the sum itself, for which
-    this returns False and the caller's exact per-tensor test decides. One reduction per tensor
-    and one synchronisation, instead of four element-wise passes per tensor."""
+def all_finite_fast(tensors):
+    """True when every entry of every tensor is surely finite, decided with one multi-tensor
+    call and one synchronisation: a 2-norm is finite iff every entry is (NaN and inf
+    propagate), barring an overflow of the norm itself (entries ~1e19 in float32). False means
+    "maybe not": the caller's exact per-tensor test then decides (and names the culprit)."""
     if not tensors:
         return True
     try:
-        return bool(torch.isfinite(torch.stack([t.sum().float() for t in tensors])).all())
-    except RuntimeError:      # tensors on several devices
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+    except RuntimeError:      # several devices, or a dtype without a norm
         return False
 
 
@@ -187,7 +187,7 @@ class VariationalOptimizer(torch.optim.Optimizer):
                    for p, st in states.items() for k, v in st.items() if torch.is_tensor(v)]
         checks += [(f"posterior {k} of {'/'.join(post.names)}", v)
                    for post, st in posterior_states.items() for k, v in st.items()]
-        for what, value in ([] if _sums_finite([v for _, v in checks]) else checks):
+        for what, value in ([] if all_finite_fast([v for _, v in checks]) else checks):
             if not torch.isfinite(value).all():
                 raise NonFiniteError(
                     f"{type(self).__name__} step {step}: the {what} would become non-finite "

@@ -29,7 +29,7 @@ import torch
 from ..curvature import PerExampleSquaredGradients
 from ..posteriors import MeanFieldPosterior
 from ..priors import GaussianPrior
-from ._base import NonFiniteError, VariationalOptimizer, check_positive
+from ._base import NonFiniteError, VariationalOptimizer, all_finite_fast, check_positive
 
 __all__ = ["DiagonalVariationalOptimizer"]
 
@@ -196,19 +196,7 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
         with ``params``, may be empty) or curvature denominator (``denoms``, aligned with
         ``params``) is non-finite; nothing has been written at that point."""
         tensors = list(means) + list(denoms)
-        if not tensors:
-            return
-        # fast test: a sum is finite iff every entry is (NaN and inf propagate), barring an
-        # overflow of the sum itself, which the exact per-tensor test below then clears
-        # fast test, one multi-tensor call: a 2-norm is finite iff every entry is (NaN and inf
-        # propagate), barring an overflow of the norm itself (entries ~1e19 in float32), which
-        # the exact per-tensor test below then clears
-        norms = torch._foreach_norm(tensors)
-        try:
-            ok = bool(torch.isfinite(torch.stack(norms)).all())
-        except RuntimeError:  # mixed devices / dtypes
-            ok = all(bool(torch.isfinite(x)) for x in norms)
-        if ok:
+        if all_finite_fast(tensors):
             return
         for i, t in enumerate(tensors):
             if not bool(torch.isfinite(t).all()):
