@@ -589,10 +589,15 @@ class Experiment:
             self.optimizer.step()
             return float(nll.detach())
 
+        # The variational optimizer zeroes and collects its own gradients per weight sample;
+        # the observation noise's gradients accumulate over the S samples and are averaged
+        # before its Adam step, as for Bayes-by-backprop above (zeroing them in the closure
+        # left the gradient of the last sample only).
+        if self.noise_optimizer is not None:
+            self.noise_optimizer.zero_grad()
+
         def closure():
             self.optimizer.zero_grad()
-            if self.noise_optimizer is not None:
-                self.noise_optimizer.zero_grad()
             nll = self._nll(self.var_model(xb), yb)
             (nll + self._noise_kl_term()).backward()
             return nll
@@ -603,6 +608,10 @@ class Experiment:
             nll = closure()
             self.optimizer.step()
         if self.noise_optimizer is not None:
+            if S > 1:
+                for p in self.noise.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(S)
             self.noise_optimizer.step()
         return float(nll.detach() if torch.is_tensor(nll) else nll)
 

@@ -458,3 +458,44 @@ def test_metrics_go_to_tensorboard_when_available(tmp_path, capsys, monkeypatch)
     for row in rows:
         for key in ("train_nll", "train_loss", "test_rmse", "test_ll"):
             assert logged[(key, int(row["epoch"]))] == pytest.approx(float(row[key]), rel=1e-8)
+
+
+@pytest.mark.parametrize("method", ["bbb", "noisy_adam", "noisy_kfac"])
+def test_observation_noise_gradient_is_the_mean_over_weight_samples(method):
+    # with train_samples = S the learned noise precision takes the average of the S samples'
+    # gradients (plus that of KL/N), for Bayes-by-backprop and the natural-gradient methods
+    cfg = ex.resolve_config(dict(ex.quickstart_config(), method=method, train_samples=4,
+                                 train_subset=40, batch_size=10, eval_samples=0,
+                                 test_samples=5, optimizer={"lr": 1e-3}))
+    exp = ex.Experiment(cfg)
+    noise_params = list(exp.noise.parameters())
+    with torch.no_grad():   # away from the prior, where the KL's gradient vanishes
+        exp.noise.log_alpha.fill_(math.log(20.0))
+        exp.noise.log_beta.fill_(math.log(3.0))
+    kl_grad = torch.autograd.grad(exp.noise.kl() / exp.n_train, noise_params)
+    per_sample = []
+    nll_of = exp._nll
+
+    def recording_nll(out, y):
+        nll = nll_of(out, y)
+        per_sample.append(torch.autograd.grad(nll, noise_params, retain_graph=True))
+        return nll
+
+    exp._nll = recording_nll
+    seen = []
+    opt = exp.noise_optimizer if exp.noise_optimizer is not None else exp.optimizer
+    step_of = opt.step
+
+    def recording_step(*args, **kwargs):
+        seen.append([p.grad.clone() for p in noise_params])
+        return step_of(*args, **kwargs)
+
+    opt.step = recording_step
+    xb, yb = exp.x_train[:10], exp.y_train[:10]
+    exp.train_step(xb, yb)
+    assert len(per_sample) == 4 and len(seen) == 1
+    for i, p in enumerate(noise_params):
+        expected = sum(g[i] for g in per_sample) / 4 + kl_grad[i]
+        torch.testing.assert_close(seen[0][i], expected, rtol=1e-5, atol=1e-7)
+    # the samples differ, so the last one alone would not pass
+    assert not torch.allclose(per_sample[-1][0], sum(g[0] for g in per_sample) / 4, rtol=1e-3)
