@@ -499,3 +499,27 @@ def test_observation_noise_gradient_is_the_mean_over_weight_samples(method):
         torch.testing.assert_close(seen[0][i], expected, rtol=1e-5, atol=1e-7)
     # the samples differ, so the last one alone would not pass
     assert not torch.allclose(per_sample[-1][0], sum(g[0] for g in per_sample) / 4, rtol=1e-3)
+
+
+def test_observation_noise_reaches_the_conjugate_optimum():
+    # For fixed residuals r the per-example objective E_q[-log N(r; 0, 1/tau)] + KL(q || p) / N
+    # over q = Gamma(alpha, beta) is minimised by the conjugate update alpha0 + N/2,
+    # beta0 + sum(r^2)/2. (This is what bounds the UCI log-likelihood from above: with a
+    # Gamma(6, 6) prior E_q[tau] <= (6 + N/2) / 6, see benchmarks/uci_table.py.)
+    torch.manual_seed(0)
+    n = 50
+    r = 0.3 * torch.randn(n, dtype=torch.float64)
+    noise = ex.ObservationNoise(6.0, 6.0).double()
+    opt = torch.optim.LBFGS(noise.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12,
+                            tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = noise.expected_nll(torch.zeros(n, dtype=torch.float64), r) + noise.kl() / n
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    assert noise.alpha.item() == pytest.approx(6.0 + n / 2, rel=1e-6)
+    assert noise.beta.item() == pytest.approx(6.0 + float((r ** 2).sum()) / 2, rel=1e-6)
