@@ -10,6 +10,7 @@ import contextlib
 import copy
 import fnmatch
 import importlib
+import warnings
 
 import torch
 import torch.nn as nn
@@ -244,6 +245,8 @@ class VariationalModel(nn.Module):
         themselves and switch them off to save a backward pass)."""
         for p in self.scale_parameters():
             p.requires_grad_(flag)
+        if flag:
+            self.__dict__.pop("_warned_frozen_scales", None)
         return self
 
     def _mean_of(self, name):
@@ -291,7 +294,21 @@ class VariationalModel(nn.Module):
         """KL(q || prior) summed over all parameters, in nats (add ``prior_loss() / N``).
 
         Mean-field posteriors with Gaussian priors go through one fused closed-form kernel;
-        every other (posterior, prior) pair computes its own KL (closed form or Monte Carlo)."""
+        every other (posterior, prior) pair computes its own KL (closed form or Monte Carlo).
+
+        Warns once (``UserWarning``) when called with gradients enabled while the scales do not
+        require grad, as after a natural-gradient optimizer was built on this model: a
+        gradient-based optimizer would then leave the scales where they are."""
+        if torch.is_grad_enabled() and not self.__dict__.get("_warned_frozen_scales"):
+            scales = self.scale_parameters()
+            if scales and not any(p.requires_grad for p in scales):
+                self.__dict__["_warned_frozen_scales"] = True
+                warnings.warn(
+                    "prior_loss(): the posterior scales of this model do not require grad (a "
+                    "natural-gradient optimizer switches them off when it is built, since it "
+                    "sets them itself), so a gradient-based optimizer will not train them. For "
+                    "Bayes-by-backprop call var_model.scales_require_grad_(True) first.",
+                    UserWarning, stacklevel=2)
         total = None
         fast = ([], [], [], [])  # means, log stds, prior stds, prior means
         fused = not _functorch_active()

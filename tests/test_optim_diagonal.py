@@ -767,3 +767,25 @@ def test_ivon_flat_path_follows_changes_made_between_steps():
         for key in ("exp_avg", "hess"):
             torch.testing.assert_close(of.state[p][key], ot.state[q][key], rtol=1e-10,
                                        atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [NoisyAdam, VOGN, IVON])
+def test_switching_back_to_bayes_by_backprop_warns_about_frozen_scales(cls):
+    # the natural-gradient optimizers turn the scales' gradients off (they set the scales);
+    # a later gradient-based ELBO would silently leave them fixed, so prior_loss() says so
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(nn.Linear(3, 2))
+    cls(vm, dataset_size=10)
+    assert not any(p.requires_grad for p in vm.scale_parameters())
+    with torch.no_grad():                      # evaluating the KL is fine
+        vm.prior_loss()
+    with pytest.warns(UserWarning, match="scales_require_grad_"):
+        vm.prior_loss()
+    vm.scales_require_grad_(True)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = F.mse_loss(vm(torch.randn(4, 3)), torch.randn(4, 2)) + vm.prior_loss() / 10
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in vm.scale_parameters())
