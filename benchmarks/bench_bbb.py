@@ -4,7 +4,9 @@
 
 One process, interleaved steps, median of ``--steps`` steps for each contender:
 * plain: ``nn.Module`` + ``torch.optim.Adam`` on the cross-entropy loss;
-* bbb: ``variationalize(model)`` + Adam over (mean, rho) on NLL + prior_loss()/N.
+* bbb: ``variationalize(model)`` + Adam over (mean, log_std) on NLL + prior_loss()/N;
+* bbb_local_reparameterization: the same with ``local_reparameterization=True`` (the Linear
+  layers draw per-example pre-activations instead of a shared weight sample).
 Writes benchmarks/results/bbb_step.json with the machine.
 """
 import argparse
@@ -39,14 +41,22 @@ def make_steps(name, device):
         plain_opt.step()
         sync()
 
-    def bbb_step():
+    def bbb_step(var_model=var_model, bbb_opt=bbb_opt):
         bbb_opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(var_model(x), y) + var_model.prior_loss() / n
         loss.backward()
         bbb_opt.step()
         sync()
 
-    return {"plain_adam": plain_step, "bbb": bbb_step}
+    lrt_model = pyvarinf2.variationalize(copy.deepcopy(model),
+                                         local_reparameterization=True).to(device)
+    lrt_opt = torch.optim.Adam(lrt_model.parameters(), lr=1e-3)
+
+    def bbb_lrt_step():
+        bbb_step(lrt_model, lrt_opt)
+
+    return {"plain_adam": plain_step, "bbb": bbb_step,
+            "bbb_local_reparameterization": bbb_lrt_step}
 
 
 def main(argv=None):
@@ -65,17 +75,24 @@ def main(argv=None):
         for _ in range(args.repeats):
             med = interleaved(make_steps(name, args.device), n_steps=args.steps)
             runs.append({"plain_adam_ms": 1e3 * med["plain_adam"], "bbb_ms": 1e3 * med["bbb"],
-                         "ratio": med["bbb"] / med["plain_adam"]})
+                         "ratio": med["bbb"] / med["plain_adam"],
+                         "bbb_lrt_ms": 1e3 * med["bbb_local_reparameterization"],
+                         "lrt_ratio": med["bbb_local_reparameterization"] / med["plain_adam"]})
         ratios = sorted(r["ratio"] for r in runs)
         results[name] = {"ratio_median": statistics.median(ratios),
                          "ratio_min": ratios[0], "ratio_max": ratios[-1],
                          "plain_adam_ms_median": statistics.median(r["plain_adam_ms"] for r in runs),
                          "bbb_ms_median": statistics.median(r["bbb_ms"] for r in runs),
+                         "local_reparameterization_ratio_median":
+                             statistics.median(r["lrt_ratio"] for r in runs),
+                         "local_reparameterization_ratio_range":
+                             [min(r["lrt_ratio"] for r in runs), max(r["lrt_ratio"] for r in runs)],
                          "repeats": runs}
         print(f"{name:11s} plain Adam {results[name]['plain_adam_ms_median']:7.2f} ms   "
               f"BBB {results[name]['bbb_ms_median']:7.2f} ms   ratio median "
               f"{results[name]['ratio_median']:.2f}x (range {ratios[0]:.2f}-{ratios[-1]:.2f}, "
-              f"{args.repeats} repeats)")
+              f"{args.repeats} repeats); with local reparameterisation "
+              f"{results[name]['local_reparameterization_ratio_median']:.2f}x")
     path = write_results(args.out, {"benchmark": "bbb training step / plain Adam step",
                                     "batch_size": 128, "steps": args.steps,
                                     "device": args.device, "results": results,

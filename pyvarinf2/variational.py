@@ -14,6 +14,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch._C._functorch import peek_interpreter_stack as _peek_interpreter_stack
 from torch.func import functional_call
 
@@ -71,6 +72,45 @@ def _flat_noise(likes):
     return out
 
 
+def _check_flag(value, argname):
+    if not isinstance(value, bool):
+        raise TypeError(f"{argname} must be True or False, got {value!r}")
+
+
+class _LocalReparameterization:
+    """Forward hook of one Linear layer for :meth:`VariationalModel.forward` with
+    ``local_reparameterization=True``: adds ``sqrt(x² σ_Wᵀ² + σ_b²) ⊙ ε`` to the output the
+    layer computed with its posterior means (σ² = exp(2 log_std), so the scales get their
+    gradient through it)."""
+
+    def __init__(self, path, weight_post, bias_post):
+        self.path, self.weight_post, self.bias_post = path, weight_post, bias_post
+        self.calls = 0
+
+    def __call__(self, module, inputs, output):
+        self.calls += 1
+        x = inputs[0]
+        where = self.path or "<root>"
+        if self.calls > 1:
+            raise RuntimeError(
+                f"local_reparameterization: layer {where!r} ran twice in one forward; its "
+                "weights must be the same in both calls, which per-call pre-activation noise "
+                "does not give. Set var_model.local_reparameterization = False for this model")
+        if x.dim() != 2:
+            raise RuntimeError(
+                f"local_reparameterization: layer {where!r} got an input of shape "
+                f"{tuple(x.shape)}; the trick draws one weight sample per row, so it needs "
+                "(batch, features) inputs (positions of one example must share the weights). "
+                "Set var_model.local_reparameterization = False for this model")
+        var_w = torch.exp(2.0 * self.weight_post.log_std)
+        var_b = torch.exp(2.0 * self.bias_post.log_std) if self.bias_post is not None else None
+        var = F.linear(x * x, var_w, var_b)
+        # clamped away from 0, where the square root's gradient is infinite (a zero input row
+        # of a layer without a bias posterior): the gradient is then 0, not NaN
+        std = torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny))
+        return output + std * torch.randn_like(output)
+
+
 def _resolve_owner(model, name):
     module_path, _, attr = name.rpartition(".")
     module = model.get_submodule(module_path) if module_path else model
@@ -110,7 +150,8 @@ def _matcher(spec, argname):
 class VariationalModel(nn.Module):
     """A model with a Gaussian posterior over its weights; see :func:`variationalize`."""
 
-    def __init__(self, model, prior="gaussian", init_std=1e-3, deterministic=None):
+    def __init__(self, model, prior="gaussian", init_std=1e-3, deterministic=None,
+                 local_reparameterization=False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(model, VariationalModel):
@@ -118,6 +159,7 @@ class VariationalModel(nn.Module):
         if not (isinstance(init_std, (int, float)) and not isinstance(init_std, bool)
                 and init_std > 0 and init_std == init_std and init_std != float("inf")):
             raise ValueError(f"init_std must be a finite number > 0, got {init_std!r}")
+        _check_flag(local_reparameterization, "local_reparameterization")
         is_deterministic = _matcher(deterministic, "deterministic")
         prior_obj = make_prior(prior) if not isinstance(prior, (tuple, list)) else make_prior(*prior)
         named = list(model.named_parameters())  # duplicates (tied weights) removed
@@ -146,6 +188,7 @@ class VariationalModel(nn.Module):
         self._sample_override = None
         self.record_noise = False
         self.last_noise = None
+        self.local_reparameterization = local_reparameterization
         for name, p, owner, attr in selected:
             post = MeanFieldPosterior(name, p, init_std)
             post._mean_source = (owner, attr)
@@ -164,6 +207,8 @@ class VariationalModel(nn.Module):
     def __setattr__(self, name, value):
         if name == "posteriors":
             self.__dict__["_posterior_cache"] = None
+        elif name == "local_reparameterization":
+            _check_flag(value, name)
         super().__setattr__(name, value)
 
     def _attach(self, key, posterior):
@@ -329,8 +374,9 @@ class VariationalModel(nn.Module):
         return total
 
     # ----------------------------------------------------------------- sampling
-    def sample_parameters(self):
-        """Draw one weight sample: ``{name: tensor}`` for every parameter with a posterior.
+    def sample_parameters(self, skip=()):
+        """Draw one weight sample: ``{name: tensor}`` for every parameter with a posterior
+        (except the posteriors whose key is in ``skip``).
 
         Mean-field posteriors are sampled together by one fused kernel
         (:mod:`pyvarinf2._fused`); other families sample themselves."""
@@ -339,6 +385,8 @@ class VariationalModel(nn.Module):
         mf_keys, mf_posts, mf_names, mf_means, mf_log_stds = [], [], [], [], []
         fused = not _functorch_active()
         for key, post in self.named_posteriors():
+            if key in skip:
+                continue
             means = [self._mean_of(n) for n in post.names]
             if type(post) is MeanFieldPosterior:
                 mf_keys.append(key)
@@ -402,12 +450,73 @@ class VariationalModel(nn.Module):
             self._sample_override = previous
 
     def forward(self, *args, **kwargs):
-        if self.is_sampling():
-            params = self.sample_parameters()
-        else:
+        if not self.is_sampling():
             return self.model(*args, **kwargs)
+        if self.__dict__.get("local_reparameterization") and not _functorch_active():
+            return self._local_reparameterization_forward(args, kwargs)
+        params = self.sample_parameters()
         return functional_call(self.model, params, args, kwargs, strict=False,
                                tie_weights=self._tied)
+
+    # ----------------------------------------------------------------- local reparameterisation
+    def local_reparameterization_layers(self):
+        """The ``nn.Linear`` layers that ``local_reparameterization=True`` samples through their
+        pre-activations: ``[(path, module, weight key, bias key or None)]``. A layer qualifies
+        when it is a plain ``nn.Linear`` (its own ``forward``) whose weight has a mean-field
+        posterior used by no other module, and whose bias is absent, deterministic or
+        mean-field. Every other parameter is sampled as usual (one draw per forward)."""
+        cache = self.__dict__.get("_lrt_plan")
+        posts = self._posterior_cache if self._posterior_cache is not None else None
+        if cache is not None and posts is not None and cache[0] is posts:
+            return cache[1]
+        mean_field = {key: post for key, post in self.named_posteriors()
+                      if type(post) is MeanFieldPosterior}
+        counts = {}
+        for _, p in self.model.named_parameters(remove_duplicate=False):
+            counts[id(p)] = counts.get(id(p), 0) + 1
+        plan = []
+        for path, module in self.model.named_modules():
+            if type(module).forward is not nn.Linear.forward or not isinstance(module, nn.Linear):
+                continue
+            prefix = path + "." if path else ""
+            w_key, b_key = prefix + "weight", prefix + "bias"
+            if w_key not in mean_field or counts.get(id(module.weight), 0) != 1:
+                continue
+            if module.bias is not None and b_key in self._priors and b_key not in mean_field:
+                continue  # a bias with another posterior family
+            if module.bias is not None and counts.get(id(module.bias), 0) != 1:
+                continue
+            plan.append((path, module, w_key, b_key if b_key in mean_field else None))
+        self.__dict__["_lrt_plan"] = (self._posterior_cache, plan)
+        return plan
+
+    def _local_reparameterization_forward(self, args, kwargs):
+        """Train-mode forward with the local reparameterisation trick (Kingma et al. 2015) in
+        the qualifying Linear layers: their output is ``x Mᵀ + b̄ + sqrt(x² σ_Wᵀ² + σ_b²) ⊙ ε``
+        with ε drawn per example, the exact marginal of ``x Wᵀ + b`` under the mean-field
+        posterior; each example thereby gets its own weights in those layers."""
+        if self.record_noise:
+            raise RuntimeError(
+                "local_reparameterization=True draws pre-activations per example, but an "
+                "optimizer that reads the weight noise (the natural-gradient optimizers) drives "
+                "this model; set var_model.local_reparameterization = False")
+        plan = self.local_reparameterization_layers()
+        posts = dict(self.named_posteriors())
+        params = self.sample_parameters(skip={k for _, _, w, b in plan for k in (w, b) if k})
+        handles = []
+        try:
+            for path, module, w_key, b_key in plan:
+                params[w_key] = self._mean_of(w_key)
+                if b_key is not None:
+                    params[b_key] = self._mean_of(b_key)
+                hook = _LocalReparameterization(path, posts[w_key],
+                                                posts[b_key] if b_key is not None else None)
+                handles.append(module.register_forward_hook(hook))
+            return functional_call(self.model, params, args, kwargs, strict=False,
+                                   tie_weights=self._tied)
+        finally:
+            for h in handles:
+                h.remove()
 
     # ----------------------------------------------------------------- export / persistence
     def mean_model(self):
@@ -526,7 +635,8 @@ class VariationalModel(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def variationalize(model, prior="gaussian", init_std=1e-3, deterministic=None):
+def variationalize(model, prior="gaussian", init_std=1e-3, deterministic=None,
+                   local_reparameterization=False):
     """Wrap ``model`` with a mean-field Gaussian posterior over its weights.
 
     Args:
@@ -538,12 +648,22 @@ def variationalize(model, prior="gaussian", init_std=1e-3, deterministic=None):
         deterministic: parameters to keep as point estimates: a name pattern (fnmatch, e.g.
             ``'*.bias'``), a module type (e.g. ``nn.BatchNorm2d``), a list of those, or a callable
             ``(name, module) -> bool``. Parameters with ``requires_grad=False`` stay fixed.
+        local_reparameterization: opt-in, for Bayes-by-backprop. In training mode the plain
+            ``nn.Linear`` layers with mean-field posteriors (see
+            :meth:`VariationalModel.local_reparameterization_layers`) then draw their
+            pre-activations per example from their exact Gaussian marginal instead of sharing one
+            weight sample across the batch (Kingma, Salimans & Welling 2015): the same expected
+            loss, with lower-variance gradients. Needs (batch, features) inputs to those layers,
+            each layer run once per forward; not for the natural-gradient optimizers, which need
+            the shared sample. Also settable later as ``var_model.local_reparameterization``.
 
     Returns:
         a :class:`VariationalModel`. In training mode every forward draws fresh weights (one
-        sample shared by the batch); in evaluation mode it uses the posterior means.
+        sample shared by the batch, unless ``local_reparameterization``); in evaluation mode it
+        uses the posterior means. The predictive helpers always draw whole weight samples.
     """
-    return VariationalModel(model, prior=prior, init_std=init_std, deterministic=deterministic)
+    return VariationalModel(model, prior=prior, init_std=init_std, deterministic=deterministic,
+                            local_reparameterization=local_reparameterization)
 
 
 Variationalize = variationalize

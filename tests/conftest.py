@@ -53,3 +53,13 @@ def pytest_configure(config):
     # save, and results do not depend on the machine's core count.
     torch.set_num_threads(1)
     config.addinivalue_line("markers", "slow: long runs kept out of CI (run with -m slow)")
+
+
+@pytest.fixture
+def one_thread():
+    """Training loops on the shared CI machine: one intra-op thread avoids OpenMP spin-waiting
+    against other processes (measured 5 ms vs 30-180 ms per README step on 2 busy cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

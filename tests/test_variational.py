@@ -18,16 +18,6 @@ import pyvarinf2 as pv
 from pyvarinf2.priors import ConjugatePrior, GaussianPrior, MixtureGaussianPrior
 
 
-@pytest.fixture
-def one_thread():
-    """Training loops on the shared CI machine: one intra-op thread avoids OpenMP spin-waiting
-    against other processes (measured 5 ms vs 30-180 ms per README step on 2 busy cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class MLP(nn.Module):
     def __init__(self, d_in=3, hidden=4, d_out=2):
         super().__init__()

@@ -117,6 +117,11 @@ class VariationalOptimizer(torch.optim.Optimizer):
         if not isinstance(var_model, VariationalModel):
             raise TypeError("var_model must be a VariationalModel (from pyvarinf2.variationalize), "
                             f"got {type(var_model).__name__}")
+        if var_model.__dict__.get("local_reparameterization"):
+            raise ValueError(
+                "var_model.local_reparameterization is True: the natural-gradient optimizers "
+                "estimate the curvature from one weight sample shared by the batch, which that "
+                "setting replaces by per-example pre-activation noise; set it to False")
         check_positive_int("dataset_size", dataset_size)
         check_positive("kl_weight", kl_weight)
         check_positive_int("mc_samples", mc_samples)
