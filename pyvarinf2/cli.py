@@ -66,6 +66,9 @@ def build_parser():
     t.add_argument("--batch-size", type=int)
     t.add_argument("--epochs", type=int)
     t.add_argument("--train-samples", type=int, help="weight samples per training step")
+    t.add_argument("--local-reparameterization", action="store_true", default=None,
+                   help="bbb only: per-example pre-activation noise in the Linear layers "
+                        "(local reparameterisation trick)")
     t.add_argument("--test-samples", type=int, help="weight samples for the final evaluation")
     t.add_argument("--eval-samples", type=int, help="weight samples for per-epoch test metrics "
                                                     "(0: none)")
@@ -152,6 +155,7 @@ def _train_config(args):
     simple = {"dataset": args.dataset, "method": args.method, "kl_weight": args.kl_weight,
               "init_std": args.init_std, "batch_size": args.batch_size, "epochs": args.epochs,
               "train_samples": args.train_samples, "test_samples": args.test_samples,
+              "local_reparameterization": args.local_reparameterization,
               "eval_samples": args.eval_samples, "split": args.split,
               "train_subset": args.train_subset, "test_subset": args.test_subset,
               "seed": args.seed, "device": args.device, "name": args.name}

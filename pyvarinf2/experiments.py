@@ -94,6 +94,8 @@ DEFAULTS = {
     "batch_size": 32,
     "epochs": 10,
     "train_samples": 1,       # weight samples per training step
+    "local_reparameterization": False,  # bbb only: per-example pre-activation noise in the
+    #                           Linear layers (variationalize(..., local_reparameterization))
     "test_samples": 100,      # weight samples for the final evaluation
     "eval_samples": 10,       # weight samples for the per-epoch test metrics (0: none)
     "noise_prior": [6.0, 6.0],  # Gamma(alpha, beta) prior on the observation-noise precision
@@ -194,6 +196,12 @@ def resolve_config(cfg, where="config"):
     for key in ("train_subset", "test_subset"):
         _need(out[key] is None or (_is_int(out[key]) and out[key] >= 1), key, out[key],
               "null or an integer >= 1", where)
+    _need(isinstance(out["local_reparameterization"], bool), "local_reparameterization",
+          out["local_reparameterization"], "true or false", where)
+    if out["local_reparameterization"] and method != "bbb":
+        raise ConfigError(f"{where}: 'local_reparameterization' is for method 'bbb' (the "
+                          f"natural-gradient methods need one weight sample per batch and "
+                          f"'map' samples nothing), not {method!r}")
     for key in ("init_std", "kl_weight", "noise_lr"):
         _need(_is_num(out[key]) and out[key] > 0, key, out[key], "a finite number > 0", where)
     np_ = out["noise_prior"]
@@ -479,7 +487,8 @@ class Experiment:
             net = build_network(cfg["model"], self.data.in_shape, self.data.n_classes)
             self.noise = None
         self.var_model = variationalize(net, prior=_make_prior(cfg["prior"]),
-                                        init_std=cfg["init_std"])
+                                        init_std=cfg["init_std"],
+                                        local_reparameterization=cfg["local_reparameterization"])
         self.var_model.to(self.device)
         if self.noise is not None:
             self.noise.to(self.device)
@@ -1018,7 +1027,14 @@ def evaluate_run(exp, out_dir, n_samples=None, ood=None, seed=0, log=print):
 RESULT_COLUMNS = ("dataset", "method", "n_splits", "rmse_mean", "rmse_se", "ll_mean", "ll_se")
 
 
+# config keys added after results were first saved, left out of the fingerprint at the value
+# that reproduces the older behaviour, so that those results stay valid
+_FINGERPRINT_OMITTED_AT = {"local_reparameterization": False}
+
+
 def _fingerprint(config):
+    config = {k: v for k, v in config.items()
+              if not (k in _FINGERPRINT_OMITTED_AT and v is _FINGERPRINT_OMITTED_AT[k])}
     blob = json.dumps(config, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -523,3 +523,25 @@ def test_observation_noise_reaches_the_conjugate_optimum():
         opt.step(closure)
     assert noise.alpha.item() == pytest.approx(6.0 + n / 2, rel=1e-6)
     assert noise.beta.item() == pytest.approx(6.0 + float((r ** 2).sum()) / 2, rel=1e-6)
+
+
+def test_local_reparameterization_from_the_command_line(tmp_path, capsys):
+    rc, _, err = _run(["train", "-o", tmp_path / "r", "--epochs", "1",
+                       "--local-reparameterization"] + TINY, capsys)
+    assert rc == 0, err
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["method"] == "bbb" and saved["local_reparameterization"] is True
+    exp = ex.Experiment(ex.resolve_config(dict(saved, epochs=1)))
+    assert exp.var_model.local_reparameterization is True
+    assert [p for p, *_ in exp.var_model.local_reparameterization_layers()] == ["0", "2"]
+    # other methods and non-booleans are bad input, before anything is written
+    rc, _, err = _run(["train", "-o", tmp_path / "n", "--method", "noisy_adam",
+                       "--local-reparameterization"] + TINY, capsys)
+    assert rc == 2 and "local_reparameterization" in err and not (tmp_path / "n").exists()
+    with pytest.raises(ex.ConfigError, match="local_reparameterization"):
+        ex.resolve_config({"local_reparameterization": "yes"})
+    # the key left at false keeps the fingerprints of results saved before it existed
+    cfg = ex.resolve_config(ex.uci_config("yacht", "bbb"))
+    old = {k: v for k, v in cfg.items() if k != "local_reparameterization"}
+    assert ex._fingerprint(cfg) == ex._fingerprint(old)
+    assert ex._fingerprint(dict(cfg, local_reparameterization=True)) != ex._fingerprint(old)
