@@ -545,3 +545,28 @@ def test_local_reparameterization_from_the_command_line(tmp_path, capsys):
     old = {k: v for k, v in cfg.items() if k != "local_reparameterization"}
     assert ex._fingerprint(cfg) == ex._fingerprint(old)
     assert ex._fingerprint(dict(cfg, local_reparameterization=True)) != ex._fingerprint(old)
+
+
+def _readme_commands():
+    text = (ROOT / "README.rst").read_text(encoding="utf-8")
+    return [line.split("#")[0].split()[1:] for line in text.splitlines()
+            if line.strip().startswith("pyvarinf2 ")]
+
+
+@pytest.mark.parametrize("argv", _readme_commands(), ids=" ".join)
+def test_readme_commands_are_valid(argv, data_dir, monkeypatch):
+    # every `pyvarinf2 ...` line of the README parses, and names datasets, methods and config
+    # files that exist (checked as the command would, without training)
+    assert argv, "no command"
+    monkeypatch.chdir(ROOT)
+    args = cli.build_parser().parse_args(argv)
+    if args.command == "train":
+        cfg, where = cli._train_config(args)
+        ex.resolve_config(cfg, where=where)
+    elif args.command == "regression-table":
+        ex.plan_regression_table(args.datasets, args.methods, epochs=args.epochs,
+                                 n_splits=args.splits, data_dir=data_dir, out_dir="unused")
+
+
+def test_readme_shows_every_command():
+    assert {a[0] for a in _readme_commands()} == {"train", "evaluate", "regression-table"}
