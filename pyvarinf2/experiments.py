@@ -601,14 +601,15 @@ class Experiment:
         # The variational optimizer zeroes and collects its own gradients per weight sample;
         # the observation noise's gradients accumulate over the S samples and are averaged
         # before its Adam step, as for Bayes-by-backprop above (zeroing them in the closure
-        # left the gradient of the last sample only).
+        # left the gradient of the last sample only); its KL, the same for every sample, is
+        # differentiated once.
         if self.noise_optimizer is not None:
             self.noise_optimizer.zero_grad()
 
         def closure():
             self.optimizer.zero_grad()
             nll = self._nll(self.var_model(xb), yb)
-            (nll + self._noise_kl_term()).backward()
+            nll.backward()
             return nll
 
         if S > 1:
@@ -621,6 +622,7 @@ class Experiment:
                 for p in self.noise.parameters():
                     if p.grad is not None:
                         p.grad.div_(S)
+            self._noise_kl_term().backward()
             self.noise_optimizer.step()
         return float(nll.detach() if torch.is_tensor(nll) else nll)
 

@@ -312,13 +312,17 @@ class NoisyKFAC(VariationalOptimizer):
             for p in g["params"]:
                 lam_n[p] = g["kl_weight"] / g["dataset_size"]
 
+        # a Gaussian prior's gradient is taken at the mean, the same for every sample: once
+        at_mean = [p for p in params if self._is_gaussian(p)]
+        at_sample = [p for p in params if not self._is_gaussian(p)]
+
         def accumulate(_):
-            thetas = self._current_thetas()
+            thetas = self._current_thetas() if at_sample else {}
             for p in params:
                 if p.grad is not None:
                     grads[p] = grads[p] + p.grad.detach() if p in grads else p.grad.detach().clone()
-                theta = thetas.get(self.name_of(p), p)
-                pg = self.prior_grad(p, theta)
+            for p in at_sample:
+                pg = self.prior_grad(p, thetas[self.name_of(p)])
                 prior_grads[p] = prior_grads[p] + pg if p in prior_grads else pg
 
         if closure is None:
@@ -331,6 +335,8 @@ class NoisyKFAC(VariationalOptimizer):
         if m > 1:
             grads = {p: v / m for p, v in grads.items()}
             prior_grads = {p: v / m for p, v in prior_grads.items()}
+        for p in at_mean:
+            prior_grads[p] = self.prior_grad(p, p)
         prior_terms = {p: lam_n[p] * v for p, v in prior_grads.items()}
         return loss, grads, prior_terms
 
