@@ -464,7 +464,10 @@ class VariationalModel(nn.Module):
         pre-activations: ``[(path, module, weight key, bias key or None)]``. A layer qualifies
         when it is a plain ``nn.Linear`` (its own ``forward``) whose weight has a mean-field
         posterior used by no other module, and whose bias is absent, deterministic or
-        mean-field. Every other parameter is sampled as usual (one draw per forward)."""
+        mean-field; the ``out_proj`` of ``nn.MultiheadAttention``, which reads the weight without
+        calling the layer, is left out. Every other parameter is sampled as usual (one draw per
+        forward). A forward in which a listed layer does not run warns once: if the model
+        reads that weight some other way, that use saw the posterior mean."""
         cache = self.__dict__.get("_lrt_plan")
         posts = self._posterior_cache if self._posterior_cache is not None else None
         if cache is not None and posts is not None and cache[0] is posts:
@@ -474,9 +477,14 @@ class VariationalModel(nn.Module):
         counts = {}
         for _, p in self.model.named_parameters(remove_duplicate=False):
             counts[id(p)] = counts.get(id(p), 0) + 1
+        # MultiheadAttention reads its out_proj's weight without calling out_proj
+        foreign = [path + "." if path else "" for path, module in self.model.named_modules()
+                   if isinstance(module, nn.MultiheadAttention)]
         plan = []
         for path, module in self.model.named_modules():
             if type(module).forward is not nn.Linear.forward or not isinstance(module, nn.Linear):
+                continue
+            if any(path.startswith(f) for f in foreign):
                 continue
             prefix = path + "." if path else ""
             w_key, b_key = prefix + "weight", prefix + "bias"
@@ -503,7 +511,7 @@ class VariationalModel(nn.Module):
         plan = self.local_reparameterization_layers()
         posts = dict(self.named_posteriors())
         params = self.sample_parameters(skip={k for _, _, w, b in plan for k in (w, b) if k})
-        handles = []
+        handles, hooks = [], []
         try:
             for path, module, w_key, b_key in plan:
                 params[w_key] = self._mean_of(w_key)
@@ -511,12 +519,24 @@ class VariationalModel(nn.Module):
                     params[b_key] = self._mean_of(b_key)
                 hook = _LocalReparameterization(path, posts[w_key],
                                                 posts[b_key] if b_key is not None else None)
+                hooks.append(hook)
                 handles.append(module.register_forward_hook(hook))
-            return functional_call(self.model, params, args, kwargs, strict=False,
-                                   tie_weights=self._tied)
+            out = functional_call(self.model, params, args, kwargs, strict=False,
+                                  tie_weights=self._tied)
         finally:
             for h in handles:
                 h.remove()
+        silent = [h.path or "<root>" for h in hooks if h.calls == 0]
+        warned = self.__dict__.setdefault("_lrt_warned", set())
+        if silent and not set(silent) <= warned:
+            warned.update(silent)
+            warnings.warn(
+                f"local_reparameterization: layer(s) {silent} did not run their forward in "
+                "this pass. If the model reads their weights some other way (as "
+                "nn.MultiheadAttention does with out_proj), that use saw the posterior mean, "
+                "not a sample: set var_model.local_reparameterization = False for this model",
+                UserWarning, stacklevel=3)
+        return out
 
     # ----------------------------------------------------------------- export / persistence
     def mean_model(self):

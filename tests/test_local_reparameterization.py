@@ -220,3 +220,25 @@ def test_state_dict_deepcopy_and_the_setting():
     fresh = pv.variationalize(nn.Linear(3, 2))
     fresh.load_state_dict(vm.state_dict())          # a compute setting, not part of the state
     assert fresh.local_reparameterization is False
+
+
+def test_layers_read_outside_their_forward():
+    # MultiheadAttention reads out_proj.weight directly: out_proj keeps the shared weight sample
+    mha = pv.variationalize(nn.MultiheadAttention(4, 2), local_reparameterization=True)
+    assert mha.local_reparameterization_layers() == []
+
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return F.linear(x, self.fc.weight)      # never calls self.fc
+
+    vm = pv.variationalize(Reads(), local_reparameterization=True)
+    with pytest.warns(UserWarning, match="did not run"):
+        vm(torch.randn(2, 3))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # said once per layer
+        vm(torch.randn(2, 3))
