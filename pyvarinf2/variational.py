@@ -96,7 +96,7 @@ class _LocalReparameterization:
                 f"local_reparameterization: layer {where!r} ran twice in one forward; its "
                 "weights must be the same in both calls, which per-call pre-activation noise "
                 "does not give. Set var_model.local_reparameterization = False for this model")
-        if x.dim() != 2:
+        if x.dim() > 2:
             raise RuntimeError(
                 f"local_reparameterization: layer {where!r} got an input of shape "
                 f"{tuple(x.shape)}; the trick draws one weight sample per row, so it needs "

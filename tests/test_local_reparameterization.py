@@ -196,6 +196,7 @@ def test_bad_uses_raise_clearly():
         vm.local_reparameterization = 1
     with pytest.raises(RuntimeError, match="input of shape"):
         vm(torch.randn(2, 5, 3))                    # positions of one example share weights
+    assert vm(torch.randn(3)).shape == (2,)         # one unbatched example is fine
 
     class Twice(nn.Module):
         def __init__(self):
