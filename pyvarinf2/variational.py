@@ -468,9 +468,9 @@ class VariationalModel(nn.Module):
         calling the layer, is left out. Every other parameter is sampled as usual (one draw per
         forward). A forward in which a listed layer does not run warns once: if the model
         reads that weight some other way, that use saw the posterior mean."""
-        cache = self.__dict__.get("_lrt_plan")
-        posts = self._posterior_cache if self._posterior_cache is not None else None
-        if cache is not None and posts is not None and cache[0] is posts:
+        cache = self.__dict__.get("_lrt_plan")   # valid while the posterior list is the same
+        if cache is not None and self._posterior_cache is not None \
+                and cache[0] is self._posterior_cache:
             return cache[1]
         mean_field = {key: post for key, post in self.named_posteriors()
                       if type(post) is MeanFieldPosterior}
