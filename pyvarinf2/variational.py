@@ -410,8 +410,18 @@ class VariationalModel(nn.Module):
             for post, mean, eps in zip(mf_posts, mf_means, mf_eps):
                 (out[post.names[0]],) = post.sample([mean], [eps])
         elif mf_means:
-            sigmas = []
-            for n, t in zip(mf_names, mean_field_sample(mf_means, mf_log_stds, mf_eps, sigmas)):
+            if torch.is_grad_enabled() and any(t.requires_grad for t in mf_log_stds):
+                sigmas = []
+                samples = mean_field_sample(mf_means, mf_log_stds, mf_eps, sigmas)
+            else:
+                # no gradient to the scales (the natural-gradient optimizers set the scales
+                # themselves, or a no-grad block): θ = μ + σ ε as one multi-tensor op that
+                # autograd differentiates in C++ (identity for μ), with no Python-level node
+                with torch.no_grad():
+                    sigmas = torch._foreach_exp(mf_log_stds)
+                # the same fused multiply-add as the kernel: bit-identical samples
+                samples = torch._foreach_addcmul(mf_means, sigmas, mf_eps)
+            for n, t in zip(mf_names, samples):
                 out[n] = t
             # the KL of the same step reuses σ while the log stds are unchanged
             self.__dict__["_sigma_cache"] = (

@@ -200,6 +200,42 @@ def test_two_forwards_before_one_backward():
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-7)
 
 
+def test_fixed_scales_sample_the_same_weights_and_mean_gradients():
+    """With the scales' gradients off (as the natural-gradient optimizers set them) the sample
+    takes a path without the fused kernel's autograd node: same draw bit for bit, same mean
+    gradients, the same after two forwards before one backward, and no scale gradient."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+    x = torch.randn(4, 1, 4, 4)
+    w = torch.randn(4, 2)
+    results = {}
+    for trainable in (True, False):
+        torch.manual_seed(0)
+        vm = randomize(pv.variationalize(Net()))
+        vm.scales_require_grad_(trainable)
+        vm.train()
+        torch.manual_seed(5)
+        out1 = vm(x)
+        out2 = vm(x)
+        (w * torch.sin(out1)).sum().add((w * out2 ** 2).sum()).backward()
+        results[trainable] = (out1.detach(), out2.detach(),
+                              [p.grad.clone() for p in vm.model.parameters()],
+                              [p.grad for p in vm.scale_parameters()])
+    for a, b in zip(results[True][:2], results[False][:2]):
+        assert torch.equal(a, b)
+    for a, b in zip(results[True][2], results[False][2]):
+        assert torch.equal(a, b)
+    assert all(g is not None and (g != 0).any() for g in results[True][3])
+    assert all(g is None for g in results[False][3])
+
+
 def test_eval_mode_gradient_is_the_plain_models():
     model = MLP().double()
     vm = randomize(pv.variationalize(model))
