@@ -769,6 +769,40 @@ def test_ivon_flat_path_follows_changes_made_between_steps():
                                        atol=1e-12)
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "per-tensor"])
+def test_ivon_hessian_estimate_uses_the_sigma_the_sample_was_drawn_with(flat):
+    """ĥ = ĝ ε / σ with the σ of the sample: after kl_weight changes between steps (KL
+    annealing), σ on the model is still the one the last step wrote, not 1/sqrt(ess (h + δ))
+    with the new λ. Checked entry by entry against IVON's h update written out by hand."""
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(make_mlp(torch.float64))
+    opt = IVON(vm, dataset_size=300, lr=0.05, betas=(0.9, 0.9))
+    opt.flat_path = flat
+    x, y = toy_batch(dtype=torch.float64)
+    train_steps(vm, opt, 3, x, y)
+    opt.param_groups[0]["kl_weight"] = 0.1
+    params = list(vm.mean_parameters())
+    h_old = [opt.state[p]["hess"].clone() for p in params]
+    sigma = {n: post.stddev.detach().clone() for n, post in vm.named_posteriors()}
+    opt.zero_grad()
+    F.cross_entropy(vm(x), y).backward()
+    eps = {n: vm.last_noise[n][0].clone() for n in sigma}
+    grads = [p.grad.clone() for p in params]
+    opt.step()
+    a, scale = 0.1, 0.1 / 300
+    moved = 0.0
+    for (name, _), p, g, h in zip(vm.named_posteriors(), params, grads, h_old):
+        prec = float(opt.prior_precision(p).reshape(-1)[0])
+        delta = prec * scale
+        h_hat = g * eps[name] / sigma[name]
+        want = h - a * (h - h_hat) + 0.5 * a * a * (h - h_hat) ** 2 / (h + delta)
+        torch.testing.assert_close(opt.state[p]["hess"], want, rtol=1e-10, atol=1e-12)
+        # what rebuilding σ from the new λ would have given differs by far more
+        wrong = g * eps[name] * ((h + delta) / scale).sqrt()
+        moved = max(moved, float((wrong - h_hat).abs().max()))
+    assert moved > 1.0
+
+
 @pytest.mark.parametrize("cls", [NoisyAdam, VOGN, IVON])
 def test_switching_back_to_bayes_by_backprop_warns_about_frozen_scales(cls):
     # the natural-gradient optimizers turn the scales' gradients off (they set the scales);

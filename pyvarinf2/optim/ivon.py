@@ -101,10 +101,16 @@ class IVON(DiagonalVariationalOptimizer):
         return "hess"
 
     def _noise_curvature(self, params, group, priors, grads, noise):
-        # ĝ ε of this sample; the factor 1/σ = sqrt(ess (h + δ)) — IVON's σ, which this optimizer
-        # wrote to the model and the sample was drawn with — is the same for every MC sample
-        # and is applied once in step()
+        # ĝ ε of this sample; the factor 1/σ — the model's σ, which the sample was drawn with
+        # and which stays the same for every MC sample of a step — is applied once in step()
         return list(torch._foreach_mul(grads, noise))
+
+    def _stds(self, params):
+        """σ of each parameter's posterior as the model holds it (what the sample used)."""
+        posts = [self.posterior_of(p) for p in params]
+        if all(isinstance(getattr(post, "log_std", None), torch.Tensor) for post in posts):
+            return torch._foreach_exp([post.log_std for post in posts])
+        return [post.stddev for post in posts]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -129,14 +135,14 @@ class IVON(DiagonalVariationalOptimizer):
             deltas = self._dampings(group, priors)
             exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], stats["grad"],
                                           1.0 - beta1)
-            # ĥ = (ĝ ε) / σ = (ĝ ε) sqrt(ess) sqrt(h + δ)
+            # ĥ = (ĝ ε) / σ with the σ the sample was drawn with, read from the model (not
+            # rebuilt from h, λ and N, which may have changed since it was written)
             a = 1.0 - beta2
             d_old = add_damping(hess, deltas)
             h_hat = stats["hess"]                     # ĝ ε, owned by this step
-            torch._foreach_mul_(h_hat, torch._foreach_sqrt(d_old))
+            torch._foreach_div_(h_hat, self._stds(params))
             # h ← h − (1−β2)(h − ĥ) + ½(1−β2)² (h − ĥ)² / (h + δ)
-            diff = torch._foreach_sub(hess, h_hat, alpha=math.sqrt(
-                group["dataset_size"] / group["kl_weight"]))
+            diff = torch._foreach_sub(hess, h_hat)
             new_hess = torch._foreach_add(hess, diff, alpha=-a)
             torch._foreach_mul_(diff, diff)
             torch._foreach_addcdiv_(new_hess, diff, d_old, 0.5 * a * a)
@@ -324,8 +330,8 @@ class IVON(DiagonalVariationalOptimizer):
         a = 1.0 - beta2
         exp_avg = torch.lerp(m, grad, 1.0 - beta1)
         d_old = h + delta
-        h_hat.mul_(d_old.sqrt())
-        diff = torch.sub(h, h_hat, alpha=math.sqrt(group["dataset_size"] / group["kl_weight"]))
+        h_hat.div_(torch.cat(plan["ls_flat"]).exp_())     # ĥ = ĝ ε / σ
+        diff = torch.sub(h, h_hat)
         new_hess = torch.add(h, diff, alpha=-a)
         diff.mul_(diff)
         new_hess.addcdiv_(diff, d_old, value=0.5 * a * a)
