@@ -322,17 +322,23 @@ class KFACCapture:
             if not lst or any(r["g"] is None for r in lst):
                 continue
             layer = self.layers[i]
-            a_parts, g_parts = [], []
-            for r in lst:
-                a = layer_inputs(layer.module, r["x"], layer.has_bias)
-                g = layer_output_grads(layer.module, r["g"])
-                g = g * a.shape[0]  # both losses are batch means: per-example gradients
-                a_parts.append(a)
-                g_parts.append(g)
+            a_parts = [layer_inputs(layer.module, r["x"], layer.has_bias) for r in lst]
+            g_parts = [layer_output_grads(layer.module, r["g"]) for r in lst]
             if len({p.shape[0] for p in a_parts}) == 1:
-                a, g = torch.cat(a_parts, dim=1), torch.cat(g_parts, dim=1)
-            else:  # calls with different batch sizes: each row its own example
-                a = torch.cat([p.reshape(-1, 1, p.shape[-1]) for p in a_parts], dim=0)
-                g = torch.cat([p.reshape(-1, 1, p.shape[-1]) for p in g_parts], dim=0)
+                # every call sees the whole batch (a layer applied several times): the uses
+                # are more locations of the same examples; both losses are means over those
+                # B examples, so B times the gradient is the per-example gradient
+                a = torch.cat(a_parts, dim=1)
+                g = torch.cat(g_parts, dim=1) * a.shape[0]
+            else:
+                # calls on different numbers of examples (e.g. the batch split in pieces):
+                # each call's examples are examples of the layer, the loss a mean over all of
+                # them; calls with fewer locations are padded with zero rows (which add
+                # nothing to the sums)
+                t = max(p.shape[1] for p in a_parts)
+                pad = lambda p: p if p.shape[1] == t else torch.nn.functional.pad(  # noqa: E731
+                    p, (0, 0, 0, t - p.shape[1]))
+                a = torch.cat([pad(p) for p in a_parts], dim=0)
+                g = torch.cat([pad(p) for p in g_parts], dim=0) * a.shape[0]
             out[i] = (a, g)
         return out

@@ -176,6 +176,90 @@ def test_conv2d_factors_match_autograd_reference(cfg):
         torch.testing.assert_close(g_w[:, -1], conv.bias.grad)
 
 
+class _SplitConvNet(nn.Module):
+    """A Conv2d + Linear head, run on the whole batch or on it in pieces of given sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.head = nn.Linear(3 * 4 * 4, 3)
+        self.pieces = None
+
+    def forward(self, x):
+        if self.pieces is None:
+            return self.head(torch.tanh(self.conv(x)).flatten(1))
+        return torch.cat([self.head(torch.tanh(self.conv(p)).flatten(1))
+                          for p in x.split(self.pieces)])
+
+
+@pytest.mark.parametrize("eigen", [False, True], ids=["kfac", "ekfac-squares"])
+def test_a_batch_split_across_calls_gives_the_whole_batch_factors(eigen):
+    """A layer called on pieces of the batch (2 + 3 examples) sees the same examples as one
+    call on all 5: the factors (A summed over locations, per-example output gradients scaled
+    by the loss's 5, not by each piece's size) and EK-FAC's per-example projected squares
+    must be those of the one call."""
+    from pyvarinf2.optim.noisy_kfac import _projected_squares
+    torch.manual_seed(0)
+    model = _SplitConvNet().to(DT)
+    x = torch.randn(5, 2, 6, 6, dtype=DT)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    results = []
+    for pieces in (None, [2, 3], [3, 1, 1]):
+        model.pieces = pieces
+        vm = pyvarinf2.variationalize(model)
+        _, got = _capture(vm, x, lambda out: F.cross_entropy(out, y))
+        results.append(got)
+    for got in results[1:]:
+        for i in (0, 1):
+            (a0, g0), (a1, g1) = results[0][i], got[i]
+            if eigen:
+                q_a = torch.linalg.qr(torch.randn(a0.shape[-1], a0.shape[-1], dtype=DT))[0]
+                q_s = torch.linalg.qr(torch.randn(g0.shape[-1], g0.shape[-1], dtype=DT))[0]
+                torch.testing.assert_close(_projected_squares(a1, g1, q_a, q_s),
+                                           _projected_squares(a0, g0, q_a, q_s))
+            else:
+                for f0, f1 in zip(kfac_factors(a0, g0), kfac_factors(a1, g1)):
+                    torch.testing.assert_close(f1, f0)
+
+
+def test_calls_with_different_numbers_of_locations_sum_over_all_locations():
+    """One Conv2d on two inputs of different sizes in one forward (3 and 2 examples, 16 and 9
+    locations): every call's examples are examples of the layer, A sums over each one's
+    locations (the shorter call padded with zero rows, which add nothing)."""
+    torch.manual_seed(0)
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3)
+
+        def forward(self, x):
+            u, v = self.conv(x[:, :, :, :6]), self.conv(x[:2, :, :5, 6:])
+            return torch.cat([u.sum((2, 3)), v.sum((2, 3))])
+
+    model = TwoInputs().to(DT)
+    x = torch.randn(3, 2, 6, 11, dtype=DT)
+    vm = pyvarinf2.variationalize(model)
+    _, got = _capture(vm, x, lambda out: out.pow(2).mean())
+    a, g = got[0]
+    assert a.shape[:2] == (5, 16) and g.shape[:2] == (5, 16)
+    p = torch.cat([_patches_by_loops(x[:, :, :, :6], model.conv).flatten(0, 1),
+                   _patches_by_loops(x[:2, :, :5, 6:], model.conv).flatten(0, 1)])
+    p = torch.cat([p, torch.ones(len(p), 1, dtype=DT)], -1)
+    A, _ = kfac_factors(a, g)
+    torch.testing.assert_close(A, p.T @ p / 5)
+    # the gradient of the mean over the 5 outputs comes back per example (times 5)
+    s_u = model.conv(x[:, :, :, :6])
+    s_v = model.conv(x[:2, :, :5, 6:])
+    s_u.retain_grad()
+    s_v.retain_grad()
+    torch.cat([s_u.sum((2, 3)), s_v.sum((2, 3))]).pow(2).mean().backward()
+    ref = torch.cat([s_u.grad.flatten(2).transpose(1, 2).flatten(0, 1),
+                     s_v.grad.flatten(2).transpose(1, 2).flatten(0, 1)]) * 5
+    rows = g.reshape(-1, g.shape[-1])
+    torch.testing.assert_close(rows[rows.abs().sum(1) > 0], ref)
+
+
 def test_conv2d_single_location_kronecker_is_the_exact_fisher():
     torch.manual_seed(2)
     conv = nn.Conv2d(2, 3, kernel_size=4).to(DT)  # 4x4 input: one output location
