@@ -563,3 +563,34 @@ def test_bfloat16_samples_have_the_intended_covariance():
     means = [torch.zeros(3, 4), torch.zeros(3)]
     draws = torch.stack([post.matrix(post.sample(means)) for _ in range(20000)])
     torch.testing.assert_close(draws.var(0), post.marginal_variance(), rtol=0.05, atol=0)
+
+
+def test_eigendecompositions_follow_the_schedule_and_skip_unchanged_factors(monkeypatch):
+    """T_cov=3, T_inv=7: factors at every 3rd step; before step T_inv each new statistic gets a
+    basis (0, 3, 6), then one at each multiple of 7 whose factors changed since the last basis
+    (14, 21, 28). Step 7 saw no new statistics since step 6: redoing the decomposition there
+    would only reset EK-FAC's re-estimated scale R, which must survive it."""
+    import pyvarinf2.optim.noisy_kfac as nk
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
+    opt = nk.NoisyEKFAC(vm, dataset_size=100, T_cov=3, T_inv=7)
+    steps = []
+    real = nk._symmetric_eigh
+
+    def spy(m):
+        steps.append(opt._kstep)
+        return real(m)
+
+    monkeypatch.setattr(nk, "_symmetric_eigh", spy)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    w = vm.model[0].weight
+    for k in range(30):
+        if k == 7:
+            r_before = opt.state[w]["R"].clone()
+        opt.zero_grad()
+        F.cross_entropy(vm(x), y).backward()
+        opt.step()
+        if k == 7:
+            assert torch.equal(opt.state[w]["R"], r_before)
+    assert sorted(set(steps)) == [0, 3, 6, 14, 21, 28]
+    assert len(steps) == 6 * 2 * 2          # two factors of two layers each time

@@ -436,9 +436,15 @@ class NoisyKFAC(VariationalOptimizer):
             new["n_stats"] = n + 1
         has_factors = "A" in new or "A" in st
         # 2. eigendecompositions
-        new_basis = has_factors and (k % group["T_inv"] == 0 or "basis_A" not in st
-                                     or (fresh_stats and k < group["T_inv"]))
+        # (at a multiple of T_inv only if the factors changed since the last one: with T_inv
+        # not a multiple of T_cov it would redo the same decomposition and, for EK-FAC, throw
+        # away the re-estimated scale)
+        n_stats = new.get("n_stats", st.get("n_stats", 0))
+        new_basis = has_factors and (
+            "basis_A" not in st or (fresh_stats and k < group["T_inv"])
+            or (k % group["T_inv"] == 0 and st.get("basis_stats") != n_stats))
         if new_basis:
+            new["basis_stats"] = n_stats
             fa = new.get("A", st.get("A"))
             fs = new.get("S", st.get("S"))
             d_a, q_a = _symmetric_eigh(fa)
