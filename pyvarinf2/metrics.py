@@ -117,7 +117,9 @@ def gaussian_log_likelihood(targets, means, stds):
     """Mean over examples of ``log (1/S) sum_s N(y; means[s], stds[s]²)``.
 
     ``means`` has shape ``(S, n)`` (S predictive samples) or ``(n,)`` (one Gaussian);
-    ``stds`` the same shape, or anything that broadcasts against it (``(S, 1)``, a scalar)."""
+    ``stds`` the same shape, or anything that broadcasts against it (``(S, 1)``, a scalar). A
+    1-D ``stds`` of length n is per example; one std per sample must be passed as ``(S, 1)``
+    (a 1-D ``(S,)`` would be read per example whenever S equals n)."""
     y = _np(targets).ravel()
     mu = _np(means)
     if mu.ndim == 1:

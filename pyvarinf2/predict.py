@@ -21,8 +21,8 @@ Quantities, for per-sample outputs ``f_s(x)`` (s = 1..S):
   Entropies are in nats.
 * regression: the predictive mean is ``mean_s f_s``; with observation-noise variance ``v_s``
   (a known constant, or a second output of a heteroscedastic model) the predictive variance is
-  the law of total variance, ``mean_s v_s`` (aleatoric) ``+ mean_s (f_s - mean)^2`` (epistemic,
-  the variance of the S-sample mixture, divided by S).
+  the law of total variance, ``mean_s v_s`` (aleatoric) ``+ mean_s (f_s - mean)^2`` (epistemic:
+  the spread of the S sampled means about their average).
 """
 import numbers
 from typing import NamedTuple

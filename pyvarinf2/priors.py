@@ -19,6 +19,7 @@ model's ``state_dict`` through ``get_extra_state`` as ``(kind, settings)`` pairs
 """
 import math
 import numbers
+import warnings
 
 import torch
 import torch.distributions as D
@@ -356,13 +357,27 @@ class DistributionPrior(Prior):
         return None
 
     def variance(self, like):
+        """The distribution's variance (its mean over a batch shape). Where it is infinite or
+        undefined (Cauchy, Student-t with df <= 2, ...) the squared ``scale`` stands in, or 1
+        without one; either way with a warning, since the natural-gradient optimizers damp
+        their curvature with 1/variance."""
         try:
             v = self.distribution.variance
         except NotImplementedError:
             v = None
-        if v is None or not torch.isfinite(torch.as_tensor(v)).all():
-            return 1.0
-        return float(torch.as_tensor(v).float().mean())
+        if v is not None and torch.isfinite(torch.as_tensor(v)).all():
+            return float(torch.as_tensor(v).float().mean())
+        scale = getattr(self.distribution, "scale", None)
+        if torch.is_tensor(scale) and torch.isfinite(scale).all() and (scale > 0).all():
+            stand_in, what = float((scale.float() ** 2).mean()), "its scale squared"
+        else:
+            stand_in, what = 1.0, "1"
+        warnings.warn(
+            f"prior {self.distribution!r} has no finite variance; the natural-gradient "
+            f"optimizers' moment-matched damping 1/variance uses {what} ({stand_in:.4g}) "
+            "instead. Pass extrinsic_damping or use a prior with a variance to control it.",
+            UserWarning, stacklevel=2)
+        return stand_in
 
     def spec(self):
         dist = self.distribution

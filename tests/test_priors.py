@@ -307,6 +307,17 @@ def test_prior_marginal_variance(prior, ref):
                                rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dist,stand_in", [
+    (D.Cauchy(0.0, 0.5), 0.25), (D.StudentT(2.0, 0.0, 0.3), 0.09),
+    (D.StudentT(1.5, 0.0, torch.tensor([0.2, 0.4])), (0.04 + 0.16) / 2),
+])
+def test_a_prior_without_finite_variance_warns_and_uses_its_scale(dist, stand_in):
+    prior = DistributionPrior(dist)
+    like = torch.zeros(3, 2)
+    with pytest.warns(UserWarning, match="no finite variance.*scale squared"):
+        assert prior.variance(like) == pytest.approx(stand_in, rel=1e-6)
+
+
 def test_gaussian_entropy():
     std = torch.rand(4, 5) + 0.1
     torch.testing.assert_close(gaussian_entropy(std), D.Normal(torch.zeros_like(std), std)
