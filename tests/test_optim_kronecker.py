@@ -594,3 +594,35 @@ def test_eigendecompositions_follow_the_schedule_and_skip_unchanged_factors(monk
             assert torch.equal(opt.state[w]["R"], r_before)
     assert sorted(set(steps)) == [0, 3, 6, 14, 21, 28]
     assert len(steps) == 6 * 2 * 2          # two factors of two layers each time
+
+
+@pytest.mark.parametrize("opt_cls", OPTIMIZERS)
+def test_a_new_kl_weight_reaches_the_posterior_at_the_next_step(opt_cls):
+    """The posterior covariance is (λ/N) (S ⊗ A + γ_in)⁻¹ in the factors' eigenbasis (EK-FAC:
+    (λ/N)/(R + γ_in)); changing kl_weight (KL annealing) between steps that compute neither
+    statistics nor a basis must still rewrite it at the next step, not T_inv steps later."""
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
+    vm.set_prior("gaussian", std=1.0)
+    opt = opt_cls(vm, dataset_size=100, T_cov=5, T_inv=50, damping_mode="eigen")
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(vm(x), y).backward()
+        opt.step()
+
+    for _ in range(7):                       # statistics and a basis at step 5, none at 7
+        step()
+    opt.param_groups[0]["kl_weight"] = 0.3
+    step()
+    w = vm.model[0].weight
+    st = opt.state[w]
+    scale = 0.3 / 100
+    if opt_cls is NoisyEKFAC:
+        curv = st["R"]
+    else:
+        curv = torch.outer(st["eigvals_S"], st["eigvals_A"])
+    want = torch.sqrt(scale / (curv + scale * 1.0))
+    post = dict(vm.named_posteriors())["0"]
+    torch.testing.assert_close(post.std, want)

@@ -483,8 +483,12 @@ class NoisyKFAC(VariationalOptimizer):
         if pi_split:
             mean_a, mean_s = float(d_a.mean()), float(d_s.mean())
             pi = math.sqrt(mean_a / mean_s) if mean_a > 0 and mean_s > 0 else 1.0
-        # 5. posterior (rewritten when the basis or the scale changed)
-        if has_factors and (new_basis or (scale is not None and fresh_stats)):
+        # 5. posterior (rewritten when the basis, the scale or λ/N and γ_in changed: a
+        # kl_weight or dataset_size changed in the param group takes effect at once)
+        post_key = (lam / n_data, gamma_in)
+        if has_factors and (new_basis or (scale is not None and fresh_stats)
+                            or st.get("posterior_key") != post_key):
+            new["posterior_key"] = post_key
             if scale is not None:
                 d_in = scale + gamma_in
             elif pi_split:
