@@ -36,10 +36,15 @@ PAPER_NOISY_KFAC = {"bostonHousing": (2.74, -2.45), "concrete": (5.02, -3.04),
 
 
 def mc_dropout(data_dir, dataset):
-    """(rmse mean, rmse se, ll mean, ll se, n) over the MC-dropout result files of ``dataset``."""
+    """(rmse mean, rmse se, ll mean, ll se, n) over the MC-dropout result files of ``dataset``.
+
+    The folder holds two RMSE files: ``test_rmse_*`` is *standard* dropout (weights scaled by
+    the keep probability, one deterministic pass) and ``test_MC_rmse_*`` MC dropout (the mean
+    of sampled passes), whose log-likelihood is ``test_ll_*``; the MC pair is read (their
+    log says "errors" and "MC errors": boston 3.61 and 2.90)."""
     root = pathlib.Path(data_dir) / "uci" / dataset / "results"
     out = []
-    for key in ("test_rmse", "test_ll"):
+    for key in ("test_MC_rmse", "test_ll"):
         files = sorted(root.glob(f"{key}_*.txt"))
         if not files:
             return None
