@@ -553,7 +553,8 @@ class Experiment:
 
     def prior_term(self):
         """The prior part of the per-example objective (``kl_weight · KL / N`` for variational
-        methods, ``kl_weight · (−log p(θ)) / N`` for MAP), as a float."""
+        methods, ``kl_weight · (−log p(θ)) / N`` for MAP, plus the observation noise's
+        ``KL / N``, which training does not temper), as a float."""
         w = self.config["kl_weight"]
         with torch.no_grad():
             try:
@@ -566,9 +567,8 @@ class Experiment:
                 total = float(total)
             except (NotImplementedError, RuntimeError, TypeError, AttributeError):
                 return float("nan")
-            if self.noise is not None:
-                total += float(self.noise.kl())
-        return w * total / self.n_train
+            noise = float(self.noise.kl()) if self.noise is not None else 0.0
+        return (w * total + noise) / self.n_train
 
     def _map_penalty(self):
         total = 0.0

@@ -590,3 +590,18 @@ def test_uci_table_compares_with_mc_dropout_not_standard_dropout(data_dir):
     assert ll == pytest.approx(-2.401936, abs=1e-5)
     assert ll_se == pytest.approx(0.041702 * c, abs=1e-5)
     assert mod.mc_dropout(data_dir, "yacht")[0] == pytest.approx(0.67, abs=0.005)
+
+
+@pytest.mark.parametrize("method", ["bbb", "noisy_kfac"])
+def test_logged_prior_term_is_the_trained_one_under_a_kl_weight(method):
+    # training tempers the weights' KL by kl_weight but not the observation noise's KL; the
+    # logged prior term (and so train_loss in metrics.csv) must be that same objective
+    cfg = ex.resolve_config(dict(ex.quickstart_config(), method=method, kl_weight=0.25,
+                                 train_subset=40, batch_size=10, eval_samples=0,
+                                 test_samples=5))
+    exp = ex.Experiment(cfg)
+    with torch.no_grad():
+        exp.noise.log_alpha.fill_(math.log(20.0))
+        weights, noise = float(exp.var_model.prior_loss()), float(exp.noise.kl())
+    assert noise > 1.0
+    assert exp.prior_term() == pytest.approx((0.25 * weights + noise) / exp.n_train, rel=1e-6)
