@@ -154,9 +154,13 @@ def _vectorized(var_model, n_samples, chunk_size, args, kwargs):
 
 def _looped(var_model, n_samples, args, kwargs):
     outputs = []
-    with var_model.sampling(True):
-        for _ in range(n_samples):
-            outputs.append(var_model(*args, **kwargs))
+    last = var_model.last_noise        # what a natural-gradient optimizer will read
+    try:
+        with var_model.sampling(True):
+            for _ in range(n_samples):
+                outputs.append(var_model(*args, **kwargs))
+    finally:
+        var_model.last_noise = last
     return _stack_outputs(outputs)
 
 
@@ -186,7 +190,7 @@ def sample_predictions(var_model, *args, n_samples=20, vectorize=None, chunk_siz
     n_samples = _check_n_samples(n_samples)
     vectorize = _check_vectorize(vectorize)
     chunk_size = _check_chunk_size(chunk_size)
-    was_training = var_model.training
+    modes = [(m, m.training) for m in var_model.modules()]   # restored module by module
     var_model.eval()
     try:
         if vectorize is False:
@@ -202,7 +206,8 @@ def sample_predictions(var_model, *args, n_samples=20, vectorize=None, chunk_siz
                 # inputs are raised again, by the loop)
         return _looped(var_model, n_samples, args, kwargs)
     finally:
-        var_model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
 
 
 # --------------------------------------------------------------------------- classification

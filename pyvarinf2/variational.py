@@ -340,6 +340,10 @@ class VariationalModel(nn.Module):
 
         Mean-field posteriors with Gaussian priors go through one fused closed-form kernel;
         every other (posterior, prior) pair computes its own KL (closed form or Monte Carlo).
+        After a training forward it reuses that forward's σ = exp(log_std) while the scales'
+        version counters say they are unchanged (an optimizer step or any in-place change under
+        ``torch.no_grad()`` invalidates it). Like autograd's own saved tensors, an edit through
+        ``.data`` between the forward and this call is not seen: edit under ``torch.no_grad()``.
 
         Warns once (``UserWarning``) when called with gradients enabled while the scales do not
         require grad, as after a natural-gradient optimizer was built on this model: a
@@ -462,7 +466,10 @@ class VariationalModel(nn.Module):
     def forward(self, *args, **kwargs):
         if not self.is_sampling():
             return self.model(*args, **kwargs)
-        if self.__dict__.get("local_reparameterization") and not _functorch_active():
+        if self.training and self.__dict__.get("local_reparameterization") \
+                and not _functorch_active():
+            # a training-time estimator: sampling in evaluation mode (the predictive helpers,
+            # ``sampling(True)``) draws whole weight samples
             return self._local_reparameterization_forward(args, kwargs)
         params = self.sample_parameters()
         return functional_call(self.model, params, args, kwargs, strict=False,
@@ -651,6 +658,12 @@ class VariationalModel(nn.Module):
                                    f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
                                    f"unexpected keys {unexpected[:10]}"
                                    f"{' ...' if len(unexpected) > 10 else ''}")
+        not_tensors = [f"{k} ({type(state_dict[k]).__name__})" for k, v in own.items()
+                       if torch.is_tensor(v) and k in state_dict
+                       and not torch.is_tensor(state_dict[k])]
+        if not_tensors:
+            raise RuntimeError("state_dict does not match this variational model: these entries "
+                               "must be tensors: " + ", ".join(not_tensors[:10]))
         bad = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
                for k, v in own.items() if torch.is_tensor(v) and k in state_dict
                and torch.is_tensor(state_dict[k]) and state_dict[k].shape != v.shape]
@@ -703,7 +716,8 @@ class Sample(nn.Module):
     """A frozen draw from a variational model (PyVarInf's ``Sample``).
 
     ``draw()`` samples the weights once; every call then reuses them until the next ``draw()``.
-    Before the first ``draw()`` the posterior means are used.
+    Before the first ``draw()`` the posterior means are used. Buffers (BatchNorm statistics)
+    are the model's own, used and updated as the model's train/eval mode says.
     """
 
     def __init__(self, var_model):
@@ -715,8 +729,27 @@ class Sample(nn.Module):
         self.params = None
 
     def draw(self):
-        with torch.no_grad():
-            self.params = {n: t.detach() for n, t in self.var_model.sample_parameters().items()}
+        """Draw the weights: a posterior sample of every random parameter, and a copy of every
+        deterministic one, so that later training of the model does not change the draw. The
+        noise record a natural-gradient optimizer reads (``last_noise``) is left as it was."""
+        vm = self.var_model
+        last = vm.last_noise
+        try:
+            with torch.no_grad():
+                params = {n: t.detach() for n, t in vm.sample_parameters().items()}
+                for n, p in vm.model.named_parameters():
+                    if n not in params:
+                        params[n] = p.detach().clone()
+        finally:
+            vm.last_noise = last
+        self.params = params
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device), .double(), ... convert the drawn weights with the model
+        super()._apply(fn, *args, **kwargs)
+        if self.params is not None:
+            self.params = {n: fn(t) for n, t in self.params.items()}
         return self
 
     def forward(self, *args, **kwargs):

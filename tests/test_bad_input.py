@@ -182,6 +182,13 @@ def test_load_state_dict_from_another_architecture_changes_nothing(vm):
     del partial["posteriors.2.weight.log_std" if "posteriors.2.weight.log_std" in partial
                 else next(k for k in partial if k.startswith("posteriors.2.weight"))]
     cases.append((partial, ["missing keys", "posteriors.2.weight"]))
+    # entries that are not tensors (a Python number for BatchNorm's counter, a numpy array):
+    # torch would copy the earlier entries before failing on them
+    numbers = dict(vm.state_dict())
+    numbers["model.1.num_batches_tracked"] = 5
+    numbers["model.2.bias"] = numbers["model.2.bias"].numpy()
+    cases.append((numbers, ["must be tensors", "model.1.num_batches_tracked (int)",
+                            "model.2.bias (ndarray)"]))
     for state, words in cases:
         with pytest.raises((RuntimeError, ValueError)) as info:
             vm.load_state_dict(state)

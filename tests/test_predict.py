@@ -258,3 +258,41 @@ def test_bad_input_is_rejected_before_anything_runs(call, match):
     for k, v in vm.state_dict().items():
         if torch.is_tensor(v):
             assert torch.equal(v, before[k])
+
+
+def test_predictive_helpers_restore_every_module_mode_and_keep_the_optimizer_noise():
+    # the helpers run in evaluation mode and put back each module's own mode (a dropout kept
+    # in train mode inside an eval model, a BatchNorm frozen in eval inside a train model), and
+    # leave the noise record a natural-gradient optimizer reads between backward and step
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    vm = pv.variationalize(model)
+    vm.record_noise = True
+    x = torch.randn(6, 3)
+    for outer, inner in ((True, "bn"), (False, "dropout")):
+        vm.train(outer)
+        module = model[1] if inner == "bn" else model[2]
+        module.train(not outer)
+        vm(x) if outer else None
+        modes = [m.training for m in vm.modules()]
+        last = vm.last_noise
+        for vectorize in (True, False):
+            pv.predictive_probs(vm, x, n_samples=3, vectorize=vectorize)
+            assert [m.training for m in vm.modules()] == modes
+            assert vm.last_noise is last
+
+
+def test_looped_predictive_draws_whole_weight_samples_with_local_reparameterization():
+    # with the opt-in local reparameterisation (a training-time estimator) the predictive must
+    # still draw one weight sample for all inputs: identical rows get identical outputs
+    torch.manual_seed(0)
+    vm = pv.variationalize(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)),
+                           init_std=0.5, local_reparameterization=True)
+    x = torch.randn(1, 3).repeat(5, 1)
+    for vectorize in (True, False):
+        out = pv.sample_predictions(vm, x, n_samples=4, vectorize=vectorize)
+        assert torch.equal(out, out[:, :1].expand_as(out))
+        assert not torch.equal(out[0], out[1])            # but the samples differ
+    vm.train()
+    out = vm(x)                                           # training: per example
+    assert not torch.equal(out[0], out[1])

@@ -766,3 +766,25 @@ def test_kl_reuses_the_sample_sigma_only_while_it_is_valid():
     vm.double()                                   # new storage, same Parameter objects
     assert vm._cached_sigmas([p.log_std for _, p in vm.named_posteriors()]) is None
     assert vm.prior_loss().dtype == torch.float64
+
+
+def test_sample_is_frozen_converts_with_the_module_and_keeps_the_optimizer_noise():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    vm = randomize(pv.variationalize(model, deterministic="2.bias"))
+    vm.record_noise = True
+    x = torch.randn(5, 3)
+    vm.train()
+    vm(x)
+    last = vm.last_noise
+    sample = pv.Sample(vm).draw()
+    assert vm.last_noise is last                # drawing leaves the optimizer's record
+    a = sample(x)
+    with torch.no_grad():                       # training moves means and the fixed bias
+        for p in vm.parameters():
+            p.add_(0.1)
+    assert torch.equal(sample(x), a)            # the draw does not follow
+    sample.double()
+    b = sample(x.double())
+    assert b.dtype == torch.float64
+    torch.testing.assert_close(b, a.double(), rtol=1e-6, atol=1e-6)
