@@ -166,10 +166,24 @@ class VariationalModel(nn.Module):
         if not named:
             raise ValueError(f"model has no parameters: {type(model).__name__} cannot be given a "
                              "posterior over its weights")
+        aliases = {}                             # a tied tensor is named once per use
+        for name, p in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(name)
+        patterns = [deterministic] if isinstance(deterministic, str) else (
+            [d for d in deterministic if isinstance(d, str)]
+            if isinstance(deterministic, (list, tuple)) else [])
+        unmatched = [pat for pat in patterns
+                     if not any(fnmatch.fnmatchcase(n, pat) for ns in aliases.values() for n in ns)]
+        if unmatched:
+            raise ValueError(f"deterministic: pattern(s) {unmatched} match no parameter name of "
+                             f"the model (names look like {[n for n, _ in named[:3]]})")
         selected = []
         for name, p in named:
             owner, attr = _resolve_owner(model, name)
-            if p.requires_grad and not is_deterministic(name, owner):
+            # kept deterministic if any of its names (tied weights) or owners matches
+            fixed = any(is_deterministic(alias, _resolve_owner(model, alias)[0])
+                        for alias in aliases[id(p)])
+            if p.requires_grad and not fixed:
                 selected.append((name, p, owner, attr))
         if not selected:
             raise ValueError("model has no trainable parameter left to put a posterior on "
