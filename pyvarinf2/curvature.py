@@ -85,6 +85,8 @@ Reparameterisation Hessian estimate
 from a gradient at a Gaussian sample: ``ĥ = ĝ ⊙ ε / σ`` (Stein's lemma; unbiased for
 ``E_q[diag ∇²ℓ]``, no per-example gradients).
 """
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -97,6 +99,21 @@ _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 # modules whose parameters are used by the module's own forward as one unit (their children are
 # not called as modules, e.g. MultiheadAttention's out_proj)
 _OPAQUE = (nn.MultiheadAttention, nn.RNNBase)
+
+
+def _is_plain(module, classes):
+    """``module`` is one of torch's ``classes`` computing with torch's own forward: a subclass
+    that redefines ``forward`` (or a convolution's ``_conv_forward``), e.g. a masked Linear or
+    a weight-standardised convolution, computes something else, and gets the generic
+    torch.func path instead of the closed forms."""
+    if not isinstance(module, classes):
+        return False
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("torch.nn."):
+            return True
+        if "forward" in cls.__dict__ or "_conv_forward" in cls.__dict__:
+            return False
+    return True
 
 
 def reparam_hessian_estimate(grad, noise, std):
@@ -225,6 +242,20 @@ class PerExampleSquaredGradients:
         covered = {n for _, local in self._units for n in local.values()}
         #: parameters no hooked module owns (never recorded; see the module docstring)
         self.unreachable = [n for n in names if n not in covered]
+        owners = {}
+        for module, local in self._units:
+            for n in local.values():
+                owners.setdefault(n, []).append(type(module).__name__)
+        #: parameters owned by several modules (tied weights): each module's per-example
+        #: gradients are squared on their own, Σ g_a² + Σ g_b² instead of Σ (g_a + g_b)²
+        self.shared = sorted(n for n, mods in owners.items() if len(mods) > 1)
+        if self.shared:
+            warnings.warn(
+                f"per-example squared gradients: {self.shared} are used by several modules "
+                "(tied weights); their uses are squared separately, dropping the cross terms "
+                "2 Σ_i g_a,i g_b,i, an approximation of the curvature of those parameters. Keep "
+                "them deterministic (variationalize(..., deterministic=...)) or use IVON, which "
+                "needs no per-example gradients, where this matters.", UserWarning, stacklevel=3)
         self._handles = []
         self._computing = False
         self._no_vmap = set()
@@ -310,9 +341,9 @@ class PerExampleSquaredGradients:
         bdim = _batch_dim(module)
         # the closed forms need only the input and the output gradient; torch.func needs the
         # tensors (sampled weights, buffers) the forward used
-        closed_form = (isinstance(module, (nn.Linear,) + _NORMS)
-                       or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and _unfoldable(module))
-                       or (isinstance(module, nn.Embedding) and _embedding_closed_form(module)))
+        closed_form = (_is_plain(module, (nn.Linear,) + _NORMS)
+                       or (_is_plain(module, (nn.Conv1d, nn.Conv2d)) and _unfoldable(module))
+                       or (_is_plain(module, nn.Embedding) and _embedding_closed_form(module)))
 
         def hook(mod, args, kwargs, output):
             if self._computing or not torch.is_grad_enabled():
@@ -411,6 +442,17 @@ class PerExampleSquaredGradients:
             self._open.remove(group)
         mod, local = group.module, group.local
         live = [c for c in group.calls if any(g is not None for g in c.grads)]
+        sizes = sorted({c.batch_size for c in live})
+        if len(sizes) > 1:
+            for c in group.calls:
+                c.grads = None
+                c.args = c.kwargs = c.tensors = None
+            raise RuntimeError(
+                f"per-example gradients: the {type(mod).__name__} holding "
+                f"{sorted(local.values())} ran on inputs with {sizes} examples in one forward. "
+                "Its uses cannot be added example by example (they do not see the same "
+                "examples). Keep its parameters deterministic, or use IVON, which needs no "
+                "per-example gradients.")
         if live:
             self._computing = True
             try:
@@ -455,7 +497,7 @@ class PerExampleSquaredGradients:
         """{local name: Σ_i g_i²} for one call (closed forms where they exist)."""
         grads = self._scaled_grads(call)
         g = grads[0] if len(grads) == 1 else None
-        if g is not None and isinstance(mod, nn.Linear) and call.args[0].dim() == 2:
+        if g is not None and _is_plain(mod, nn.Linear) and call.args[0].dim() == 2:
             a = call.args[0]
             g2 = g * g
             out = {}
@@ -464,7 +506,7 @@ class PerExampleSquaredGradients:
             if "bias" in local:
                 out["bias"] = g2.sum(0)
             return out
-        if g is not None and isinstance(mod, nn.Embedding) and _embedding_closed_form(mod):
+        if g is not None and _is_plain(mod, nn.Embedding) and _embedding_closed_form(mod):
             return {"weight": _embedding_squared_sum(mod, call.args[0], g)} \
                 if "weight" in local else {}
         per = self._per_example(mod, local, call, grads)
@@ -476,13 +518,13 @@ class PerExampleSquaredGradients:
             grads = self._scaled_grads(call)
         g = grads[0] if len(grads) == 1 else None
         if g is not None:
-            if isinstance(mod, nn.Linear):
+            if _is_plain(mod, nn.Linear):
                 return _linear_per_example(call.args[0], g, local)
-            if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and _unfoldable(mod):
+            if _is_plain(mod, (nn.Conv1d, nn.Conv2d)) and _unfoldable(mod):
                 return _conv_per_example(mod, call.args[0], g, local)
-            if isinstance(mod, _NORMS):
+            if _is_plain(mod, _NORMS):
                 return _norm_per_example(mod, call.args[0], g, local)
-            if isinstance(mod, nn.Embedding) and _embedding_closed_form(mod):
+            if _is_plain(mod, nn.Embedding) and _embedding_closed_form(mod):
                 return _embedding_per_example(mod, call.args[0], g, local)
         return self._per_example_func(mod, local, call, grads)
 

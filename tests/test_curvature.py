@@ -265,6 +265,68 @@ def test_fallback_torch_func_matches_loop(kind):
     check_model(model, x, torch.randint(0, 3, (x.shape[0],)))
 
 
+class _MaskedLinear(nn.Linear):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.register_buffer("mask", (torch.rand(self.weight.shape) > 0.5).float())
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class _StandardisedConv2d(nn.Conv2d):
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _LowRankLinear(nn.Linear):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.u = nn.Parameter(0.3 * torch.randn(2, self.in_features))
+        self.v = nn.Parameter(0.3 * torch.randn(self.out_features, 2))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.u.t() @ self.v.t()
+
+
+class _ScaledEmbedding(nn.Embedding):
+    def forward(self, idx):
+        return super().forward(idx) * 2.0
+
+
+class _EmbeddingHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e = _ScaledEmbedding(6, 3)
+        self.h = nn.Linear(3, 3)
+
+    def forward(self, idx):
+        return self.h(torch.tanh(self.e(idx)).sum(1))
+
+
+@pytest.mark.parametrize("kind", ["masked linear", "standardised conv", "low-rank linear",
+                                  "scaled embedding"])
+def test_subclasses_with_their_own_forward_are_not_given_the_closed_forms(kind):
+    # a subclass of Linear/Conv2d/Embedding that redefines forward computes something else:
+    # the plain layer's closed form would be silently wrong (masked Linear 1.67 against 0.95,
+    # standardised conv 2.74 against 177), and extra parameters would be missed
+    torch.manual_seed(0)
+    y = torch.randint(0, 3, (5,))
+    if kind == "masked linear":
+        model, x = nn.Sequential(_MaskedLinear(4, 6), nn.Tanh(), nn.Linear(6, 3)), torch.randn(5, 4)
+    elif kind == "low-rank linear":
+        model, x = nn.Sequential(_LowRankLinear(4, 6), nn.Tanh(), nn.Linear(6, 3)), torch.randn(5, 4)
+    elif kind == "standardised conv":
+        model = nn.Sequential(_StandardisedConv2d(2, 4, 3), nn.Tanh(), Flatten(),
+                              nn.Linear(4 * 4 * 4, 3))
+        x = torch.randn(5, 2, 6, 6)
+    else:
+        model, x = _EmbeddingHead(), torch.randint(0, 6, (5, 4))
+    check_model(model, x, y)
+
+
 def test_sum_reduction_and_subset_of_parameters():
     torch.manual_seed(10)
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
@@ -462,3 +524,42 @@ def test_true_fisher_bad_arguments_and_outputs():
     with pytest.raises(TypeError, match="one tensor"):
         m(torch.randn(3, 2))
     sq.detach()
+
+
+def test_tied_weights_across_modules_warn_and_different_batch_sizes_raise():
+    # a weight used by two modules: each use's per-example gradients are squared separately
+    # (no cross terms), which is announced; a module run on inputs of different batch sizes
+    # in one forward has no per-example gradients at all: a clear error instead of a silent
+    # broadcast (1 row against B) or a shape error deep inside backward
+    torch.manual_seed(0)
+
+    class TiedPair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 3)
+            self.b.weight = nn.Parameter(self.a.weight[:3].detach().clone())
+            self.c = nn.Linear(4, 4)
+            self.c.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.c(torch.tanh(self.a(x)))))
+
+    with pytest.warns(UserWarning, match=r"\['a.weight'\] are used by several modules"):
+        coll = PerExampleSquaredGradients(TiedPair(), average=False)
+    assert coll.shared == ["a.weight"]
+
+    class Prototypes(nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.enc = nn.Linear(4, 3)
+            self.p = nn.Parameter(torch.randn(k, 4))
+
+        def forward(self, x):
+            return self.enc(x) @ self.enc(self.p).t()
+
+    for k in (1, 3):
+        model = Prototypes(k)
+        with pytest.raises(RuntimeError, match=rf"ran on inputs with \[{k}, 5\] examples"):
+            per_example_squared_gradients(model, lambda out: out.pow(2).mean(),
+                                          torch.randn(5, 4))
