@@ -533,33 +533,17 @@ def test_tied_weights_across_modules_warn_and_different_batch_sizes_raise():
     # broadcast (1 row against B) or a shape error deep inside backward
     torch.manual_seed(0)
 
-    class TiedPair(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 3)
-            self.b.weight = nn.Parameter(self.a.weight[:3].detach().clone())
-            self.c = nn.Linear(4, 4)
-            self.c.weight = self.a.weight
-
-        def forward(self, x):
-            return self.b(torch.tanh(self.c(torch.tanh(self.a(x)))))
-
-    with pytest.warns(UserWarning, match=r"\['a.weight'\] are used by several modules"):
-        coll = PerExampleSquaredGradients(TiedPair(), average=False)
-    assert coll.shared == ["a.weight"]
-
-    class Prototypes(nn.Module):
-        def __init__(self, k):
-            super().__init__()
-            self.enc = nn.Linear(4, 3)
-            self.p = nn.Parameter(torch.randn(k, 4))
-
-        def forward(self, x):
-            return self.enc(x) @ self.enc(self.p).t()
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    with pytest.warns(UserWarning, match=r"\['0.weight'\] are used by several modules"):
+        coll = PerExampleSquaredGradients(
+            nn.Sequential(first, nn.Tanh(), second, nn.Tanh(), nn.Linear(4, 3)), average=False)
+    assert coll.shared == ["0.weight"]
 
     for k in (1, 3):
-        model = Prototypes(k)
+        model = nn.Module()                    # an encoder run on the batch and on k prototypes
+        model.enc, model.p = nn.Linear(4, 3), nn.Parameter(torch.randn(k, 4))
+        model.forward = lambda x, m=model: m.enc(x) @ m.enc(m.p).t()
         with pytest.raises(RuntimeError, match=rf"ran on inputs with \[{k}, 5\] examples"):
             per_example_squared_gradients(model, lambda out: out.pow(2).mean(),
                                           torch.randn(5, 4))
