@@ -258,6 +258,8 @@ class PerExampleSquaredGradients:
                 "needs no per-example gradients, where this matters.", UserWarning, stacklevel=3)
         self._handles = []
         self._computing = False
+        #: also record the plain sums Σ_i g_i, for :meth:`gradient_mismatch`
+        self.verify = False
         self._no_vmap = set()
         self._round_id = 0
         self.reset()
@@ -321,6 +323,7 @@ class PerExampleSquaredGradients:
     def reset(self):
         """Forget everything collected (call between optimisation steps)."""
         self._sums = {}
+        self._grad_sums = {}        # Σ_i g_i per parameter, while ``verify`` is on
         self._round_batch = {}      # round id -> batch size
         self._groups = {}           # id(module) -> _Group of the current forward
         self._open = []             # groups not processed yet
@@ -457,8 +460,9 @@ class PerExampleSquaredGradients:
             self._computing = True
             try:
                 with torch.no_grad():
+                    plain = None
                     if len(live) == 1:
-                        sq = self._squared_sums(mod, local, live[0])
+                        sq, plain = self._squared_sums(mod, local, live[0], self.verify)
                     else:
                         per = None
                         for c in live:
@@ -469,8 +473,13 @@ class PerExampleSquaredGradients:
                                 for k in per:
                                     per[k] = per[k] + pe[k]
                         sq = {k: (v * v).sum(0) for k, v in per.items()}
+                        if self.verify:
+                            plain = {k: v.sum(0) / self._scale(live[0]) for k, v in per.items()}
             finally:
                 self._computing = False
+            for lname, value in (plain or {}).items():
+                name = local[lname]
+                self._grad_sums[name] = self._grad_sums.get(name, 0.0) + value
             for lname, value in sq.items():
                 name = local[lname]
                 if name in self._sums:
@@ -482,35 +491,73 @@ class PerExampleSquaredGradients:
             c.grads = None
             c.args = c.kwargs = c.tensors = None
 
-    def _scaled_grads(self, call):
+    def _scale(self, call):
         # per-example gradients are linear in the output gradient and the results quadratic:
         # scaling by B undoes a mean, by 1/sqrt(B) on top of that averages over the batch
         B = call.batch_size
         scale = B if self.loss_reduction == "mean" else 1
         if self.average:
             scale = scale / B ** 0.5
+        return scale
+
+    def _scaled_grads(self, call):
+        scale = self._scale(call)
         if scale == 1:
             return list(call.grads)
         return [g * scale if g is not None else None for g in call.grads]
 
-    def _squared_sums(self, mod, local, call):
-        """{local name: Σ_i g_i²} for one call (closed forms where they exist)."""
+    def _squared_sums(self, mod, local, call, plain_sums=False):
+        """({local name: Σ_i g_i²}, {local name: Σ_i g_i} or None) for one call (closed forms
+        where they exist); the plain sums, the gradient of the loss through this call, only
+        when ``plain_sums``."""
         grads = self._scaled_grads(call)
+        scale = self._scale(call)
         g = grads[0] if len(grads) == 1 else None
         if g is not None and _is_plain(mod, nn.Linear) and call.args[0].dim() == 2:
             a = call.args[0]
             g2 = g * g
-            out = {}
+            out, plain = {}, {}
             if "weight" in local:
                 out["weight"] = torch.mm(g2.t(), a * a)
+                plain["weight"] = torch.mm(g.t(), a) / scale
             if "bias" in local:
                 out["bias"] = g2.sum(0)
-            return out
+                plain["bias"] = g.sum(0) / scale
+            return out, (plain if plain_sums else None)
         if g is not None and _is_plain(mod, nn.Embedding) and _embedding_closed_form(mod):
-            return {"weight": _embedding_squared_sum(mod, call.args[0], g)} \
-                if "weight" in local else {}
+            if "weight" not in local:
+                return {}, ({} if plain_sums else None)
+            out = {"weight": _embedding_squared_sum(mod, call.args[0], g)}
+            plain = {"weight": _embedding_sum(mod, call.args[0], g) / scale} \
+                if plain_sums else None
+            return out, plain
         per = self._per_example(mod, local, call, grads)
-        return {k: (v * v).sum(0) for k, v in per.items()}
+        return ({k: (v * v).sum(0) for k, v in per.items()},
+                {k: v.sum(0) / scale for k, v in per.items()} if plain_sums else None)
+
+    def gradient_mismatch(self, grads, rtol=1e-3):
+        """The parameters whose recorded per-example gradients do not add up to ``grads``
+        (``{name: gradient}``, e.g. each parameter's ``.grad`` after the backward), with
+        the relative difference: ``[(name, rel)]``. Needs :attr:`verify` on during that
+        backward (empirical Fisher only: the true Fisher's gradients are at sampled labels).
+
+        The sum of the per-example gradients is the gradient of the loss *through the hooked
+        modules*. It differs from ``.grad`` when a parameter is also used outside the forward
+        of the module that owns it, when a module's computation is random per call (dropout
+        inside a module without a closed form, recomputed by torch.func with another mask),
+        or when the loss has terms that use the parameter directly: in each case the squared
+        per-example gradients are wrong too."""
+        self._flush()
+        out = []
+        for name, g in grads.items():
+            if g is None:
+                continue
+            got = self._grad_sums.get(name)
+            ref = float(g.norm())
+            diff = float((g - got).norm()) if torch.is_tensor(got) else ref
+            if diff > rtol * ref + 1e-12:
+                out.append((name, diff / ref if ref > 0 else float("inf")))
+        return out
 
     def _per_example(self, mod, local, call, grads=None):
         """{local name: per-example gradients, shape (B, *param.shape)} for one call."""
@@ -714,6 +761,13 @@ def _embedding_per_example(mod, idx, g, local):
     key, gf = _embedding_keys(mod, idx, g)
     out = g.new_zeros(B * V, D).index_add_(0, key, gf)
     return {"weight": out.reshape(B, V, D)}
+
+
+def _embedding_sum(mod, idx, g):
+    """Σ_i (per-example embedding gradient): the rows' gradients added into (V, D)."""
+    key, gf = _embedding_keys(mod, idx, g)
+    return g.new_zeros(mod.num_embeddings, mod.embedding_dim).index_add_(
+        0, key % mod.num_embeddings, gf)
 
 
 def _embedding_squared_sum(mod, idx, g):

@@ -55,7 +55,13 @@ class Flatten(nn.Module):
 def check_model(model, x, y, loss_fn=ce, **kw):
     model = model.double()
     x = x.double() if x.is_floating_point() else x
-    sums, batch = per_example_squared_gradients(model, lambda out: loss_fn(out, y), x, **kw)
+    with PerExampleSquaredGradients(model, **kw) as sq:
+        sq.verify = True
+        loss_fn(model(x), y).backward()
+    sums, batch = sq.result(), sq.batch_size
+    # the plain per-example sums are the gradient (what the optimizers check on step 1)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert sq.gradient_mismatch(grads, rtol=1e-9) == []
     ref = loop_reference(model, loss_fn, x, y)
     assert batch == x.shape[0]
     assert_close_dict(sums, ref)
@@ -547,3 +553,40 @@ def test_tied_weights_across_modules_warn_and_different_batch_sizes_raise():
         with pytest.raises(RuntimeError, match=rf"ran on inputs with \[{k}, 5\] examples"):
             per_example_squared_gradients(model, lambda out: out.pow(2).mean(),
                                           torch.randn(5, 4))
+
+
+def test_the_plain_sums_expose_a_parameter_used_outside_its_module_or_random_fallbacks():
+    # what the squared sums cannot show, the plain sums do: a weight also used outside its
+    # module's forward, or a torch.func module whose recomputed forward draws another dropout
+    # mask, gives per-example gradients that do not add up to the gradient
+    torch.manual_seed(0)
+
+    class Reused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(6, 4)
+            self.mix = nn.Linear(4, 4)
+
+        def forward(self, idx):
+            h = torch.tanh(self.mix(self.emb(idx).mean(1)))
+            return F.linear(h, self.emb.weight)          # logits over the 6 rows
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return F.dropout(x * self.scale, 0.5, self.training)
+
+    cases = [(Reused().double(), torch.randint(0, 6, (5, 3)), torch.randint(0, 6, (5,)),
+              "emb.weight"),
+             (nn.Sequential(Noisy(), nn.Linear(4, 3)).double(), torch.randn(5, 4).double(),
+              torch.randint(0, 3, (5,)), "0.scale")]
+    for model, x, y, culprit in cases:
+        with PerExampleSquaredGradients(model) as sq:
+            sq.verify = True
+            F.cross_entropy(model(x), y).backward()
+        bad = sq.gradient_mismatch({n: p.grad for n, p in model.named_parameters()})
+        assert [n for n, _ in bad] == [culprit]
+        assert bad[0][1] > 0.01

@@ -823,3 +823,35 @@ def test_switching_back_to_bayes_by_backprop_warns_about_frozen_scales(cls):
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all()
                for p in vm.scale_parameters())
+
+
+@pytest.mark.parametrize("cls", [NoisyAdam, VOGN])
+def test_per_example_gradients_that_do_not_add_up_are_refused_on_the_first_step(cls):
+    # an embedding whose weight is also the output layer through F.linear in the parent:
+    # the hooks see only the embedding's use, so the squared per-example gradients would be
+    # silently wrong; the first step checks their plain sum against .grad and refuses
+    class Reused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(6, 4)
+            self.mix = nn.Linear(4, 4)
+
+        def forward(self, idx):
+            return F.linear(torch.tanh(self.mix(self.emb(idx).mean(1))), self.emb.weight)
+
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(Reused())
+    opt = cls(vm, dataset_size=100)
+    x, y = torch.randint(0, 6, (8, 3)), torch.randint(0, 6, (8,))
+    before = copy.deepcopy(vm.state_dict())
+    opt.zero_grad()
+    F.cross_entropy(vm(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"emb.weight \(relative difference .*do not add up"):
+        opt.step()
+    for k, v in vm.state_dict().items():
+        assert torch.equal(v, before[k]) if torch.is_tensor(v) else v == before[k], k
+    # keeping that weight deterministic, training runs (the check passes and is done once)
+    vm = pyvarinf2.variationalize(Reused(), deterministic="emb.weight")
+    opt = cls(vm, dataset_size=100)
+    train_steps(vm, opt, 3, x, y)
+    assert not opt._collector.verify

@@ -84,6 +84,9 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
                 var_model, [self.name_of(p) for g in self.param_groups for p in g["params"]],
                 average=True, fisher=fisher, likelihood=likelihood, obs_noise=obs_noise)
             self._collector.attach()
+            # the first step checks that the per-example gradients add up to the gradient
+            # (see _check_per_example_sums); the true Fisher's are at sampled labels
+            self._collector.verify = fisher == "empirical"
             # the hooks live on the model: take them off when the optimizer goes away
             self._finalizer = weakref.finalize(self, self._collector.detach)
         for group in self.param_groups:
@@ -217,6 +220,8 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
         with ``params`` (the ones with a gradient)."""
         out = {"grad": [p.grad for p in params]}
         if self.needs_per_example:
+            if self._collector.verify:
+                self._check_per_example_sums(params)
             sums = self._collector.result()        # already (1/B) Σ_i g_i²
             self._collector.reset()
             sq = []
@@ -245,6 +250,25 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
                     prior[i] = self.prior_grad(p, theta)
         out["prior"] = prior
         return out
+
+    def _check_per_example_sums(self, params):
+        """First step (empirical Fisher): the per-example gradients the hooks recorded must add
+        up to each parameter's gradient, else their squares are not the curvature either.
+        Raises before anything changes, naming the parameters."""
+        self._collector.verify = False
+        bad = self._collector.gradient_mismatch({self.name_of(p): p.grad for p in params})
+        if bad:
+            names = ", ".join(f"{n} (relative difference {r:.2g})" for n, r in bad[:5])
+            raise RuntimeError(
+                f"{type(self).__name__}: the per-example gradients recorded for {names} do not "
+                "add up to the gradient of the loss, so their squares are not the curvature "
+                "either; nothing was changed. Usual causes: the parameter is also used "
+                "outside the forward of the module that owns it (e.g. F.linear(h, "
+                "self.emb.weight) in a parent module); a module without a closed form draws "
+                "random numbers (dropout) in its forward; or the loss has terms that use the "
+                "parameter directly (the prior belongs to the optimizer, not the loss). Keep "
+                "such parameters deterministic (variationalize(..., deterministic=...)), or "
+                "use IVON, which needs no per-example gradients.")
 
     def _noise_curvature(self, params, group, priors, grads, noise):
         """Curvature estimate from the noise of the sample (IVON)."""
