@@ -830,17 +830,14 @@ def test_per_example_gradients_that_do_not_add_up_are_refused_on_the_first_step(
     # an embedding whose weight is also the output layer through F.linear in the parent:
     # the hooks see only the embedding's use, so the squared per-example gradients would be
     # silently wrong; the first step checks their plain sum against .grad and refuses
-    class Reused(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(6, 4)
-            self.mix = nn.Linear(4, 4)
-
-        def forward(self, idx):
-            return F.linear(torch.tanh(self.mix(self.emb(idx).mean(1))), self.emb.weight)
+    def reused():
+        m = nn.Module()
+        m.emb, m.mix = nn.Embedding(6, 4), nn.Linear(4, 4)
+        m.forward = lambda idx: F.linear(torch.tanh(m.mix(m.emb(idx).mean(1))), m.emb.weight)
+        return m
 
     torch.manual_seed(0)
-    vm = pyvarinf2.variationalize(Reused())
+    vm = pyvarinf2.variationalize(reused())
     opt = cls(vm, dataset_size=100)
     x, y = torch.randint(0, 6, (8, 3)), torch.randint(0, 6, (8,))
     before = copy.deepcopy(vm.state_dict())
@@ -851,7 +848,7 @@ def test_per_example_gradients_that_do_not_add_up_are_refused_on_the_first_step(
     for k, v in vm.state_dict().items():
         assert torch.equal(v, before[k]) if torch.is_tensor(v) else v == before[k], k
     # keeping that weight deterministic, training runs (the check passes and is done once)
-    vm = pyvarinf2.variationalize(Reused(), deterministic="emb.weight")
+    vm = pyvarinf2.variationalize(reused(), deterministic="emb.weight")
     opt = cls(vm, dataset_size=100)
     train_steps(vm, opt, 3, x, y)
     assert not opt._collector.verify
