@@ -17,6 +17,18 @@ def _comma_list(text):
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _unique_comma_list(text):
+    """A comma-separated list without repeats (a name given twice would run, and count, its
+    splits twice)."""
+    items = _comma_list(text)
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    repeated = sorted({t for t in items if items.count(t) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{repeated} given more than once")
+    return items
+
+
 def _int_list(text):
     try:
         return [int(t) for t in _comma_list(text)]
@@ -115,9 +127,9 @@ def build_parser():
                     "chosen methods in parallel worker processes, one result file per split "
                     "(re-running skips finished splits), and write <output-dir>/"
                     "uci_regression.csv.")
-    r.add_argument("--datasets", type=_comma_list, default=list(UCI_DATASETS),
+    r.add_argument("--datasets", type=_unique_comma_list, default=list(UCI_DATASETS),
                    help="comma-separated UCI folder names (default all)")
-    r.add_argument("--methods", type=_comma_list, default=list(METHODS),
+    r.add_argument("--methods", type=_unique_comma_list, default=list(METHODS),
                    help="comma-separated methods (default all)")
     r.add_argument("--epochs", type=int, help="override the configs' epochs (e.g. for a quick "
                                               "reduced table)")
@@ -162,6 +174,10 @@ def _train_config(args):
     for key, value in simple.items():
         if value is not None:
             cfg[key] = value
+    for key in ("model", "optimizer"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise ex.ConfigError(f"{where}: '{key}' must be an object ({{...}}), got "
+                                 f"{cfg[key]!r}")
     model = dict(cfg.get("model") or {})
     for key, value in (("kind", args.model), ("hidden", args.hidden),
                        ("activation", args.activation)):
@@ -236,12 +252,13 @@ def cmd_evaluate(args, out=print):
     from . import experiments as ex
     if args.samples is not None and args.samples < 1:
         raise ex.ConfigError(f"--samples must be >= 1, got {args.samples}")
+    if not 0 <= args.seed <= ex.MAX_SEED:
+        raise ex.ConfigError(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
     exp, state, path, ood = ex.prepare_evaluation(args.checkpoint, data_dir=args.data_dir,
                                                   ood_dataset=args.ood_dataset,
                                                   device=args.device)
     out_dir = pathlib.Path(args.output_dir) if args.output_dir else path.parent / "evaluation"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ex.ConfigError(f"output directory {out_dir} exists and is not a directory")
+    ex.check_output_dir(out_dir)
     res = ex.evaluate_run(exp, out_dir, n_samples=args.samples, ood=ood, seed=args.seed)
     shown = {k: v for k, v in res.items() if k != "plots"}
     width = max(len(k) for k in shown)
@@ -257,6 +274,7 @@ def cmd_regression_table(args, out=print):
         raise ex.ConfigError(f"--workers must be >= 1, got {args.workers}")
     if args.config_dir is not None and not pathlib.Path(args.config_dir).is_dir():
         raise ex.ConfigError(f"--config-dir {args.config_dir} is not a directory")
+    ex.check_output_dir(args.output_dir)
     jobs = ex.plan_regression_table(args.datasets, args.methods, epochs=args.epochs,
                                     n_splits=args.splits, data_dir=args.data_dir,
                                     out_dir=args.output_dir, config_dir=args.config_dir,

@@ -24,6 +24,7 @@ import gzip
 import os
 import pathlib
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -228,7 +229,7 @@ def read_idx(path):
     try:
         with opener(path, "rb") as fh:
             raw = fh.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"cannot read idx file {path}: {exc}") from None
     if len(raw) < 4:
         raise DataError(f"{path} is not an idx file (too short)")

@@ -36,6 +36,7 @@ import numbers
 import os
 import pathlib
 import random
+import shutil
 import time
 
 import numpy as np
@@ -133,6 +134,10 @@ def load_config(path):
     return cfg
 
 
+#: seeds must fit torch's signed 64-bit generator seed
+MAX_SEED = 2 ** 63 - 1
+
+
 def _is_int(v):
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -186,13 +191,15 @@ def resolve_config(cfg, where="config"):
     hidden = model.get("hidden")
     _need(isinstance(hidden, list) and all(_is_int(h) and h >= 1 for h in hidden),
           "model.hidden", hidden, "a list of positive integers", where)
-    _need(model.get("activation") in ACTIVATIONS, "model.activation", model.get("activation"),
+    _need(isinstance(model.get("activation"), str) and model["activation"] in ACTIVATIONS,
+          "model.activation", model.get("activation"),
           f"one of {sorted(ACTIVATIONS)}", where)
     # -- numbers
     for key in ("batch_size", "epochs", "train_samples", "test_samples", "checkpoint_every"):
         _need(_is_int(out[key]) and out[key] >= 1, key, out[key], "an integer >= 1", where)
     for key in ("eval_samples", "seed", "split"):
         _need(_is_int(out[key]) and out[key] >= 0, key, out[key], "an integer >= 0", where)
+    _need(out["seed"] <= MAX_SEED, "seed", out["seed"], f"at most 2**63 - 1 ({MAX_SEED})", where)
     for key in ("train_subset", "test_subset"):
         _need(out[key] is None or (_is_int(out[key]) and out[key] >= 1), key, out[key],
               "null or an integer >= 1", where)
@@ -505,7 +512,11 @@ class Experiment:
                     groups.append({"params": list(self.noise.parameters()),
                                    "lr": cfg["noise_lr"]})
                 if "betas" in opt_kwargs:
-                    opt_kwargs["betas"] = tuple(opt_kwargs["betas"])
+                    betas = opt_kwargs["betas"]
+                    if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+                            and all(_is_num(b) for b in betas)):
+                        raise ValueError(f"betas must be two numbers, got {betas!r}")
+                    opt_kwargs["betas"] = tuple(betas)
                 self.optimizer = torch.optim.Adam(groups, **opt_kwargs)
                 self.noise_optimizer = None
             else:
@@ -852,6 +863,16 @@ def load_checkpoint(path):
     return state, path
 
 
+def check_output_dir(path, what="output directory"):
+    """Refuse an output path that is, or runs through, an existing file (ConfigError)."""
+    path = pathlib.Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{what} {path}: {p} exists and is not a directory")
+            return
+
+
 def default_output_dir(config):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return pathlib.Path("runs") / f"{config['name']}-{stamp}"
@@ -862,8 +883,10 @@ def prepare_run(config, output_dir, data_dir=None, resume=False, overwrite=False
     """Validate everything for a training run and build the :class:`Experiment`, writing
     nothing. Returns ``(experiment, output_dir, checkpoint_state or None)``."""
     output_dir = pathlib.Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"output directory {output_dir} exists and is not a directory")
+    check_output_dir(output_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: --overwrite would "
+                          f"delete the checkpoint in {output_dir} that --resume continues")
     ckpt_path = output_dir / CHECKPOINT
     state = None
     if resume:
@@ -905,6 +928,8 @@ def train_run(exp, output_dir, progress=True, overwrite=False, log=print):
     if overwrite and output_dir.is_dir():
         for name in (CHECKPOINT, METRICS_CSV, FINAL_JSON, "config.json"):
             (output_dir / name).unlink(missing_ok=True)
+        for name in ("tensorboard", "evaluation"):      # the old run's events and plots
+            shutil.rmtree(output_dir / name, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(output_dir / "config.json", json.dumps(exp.config, indent=2) + "\n")
     writer = _tensorboard_writer(output_dir)

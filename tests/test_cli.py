@@ -25,7 +25,10 @@ TINY = ["--no-progress", "--train-subset", "60", "--batch-size", "10", "--eval-s
 
 
 def _run(argv, capsys):
-    rc = cli.main([str(a) for a in argv])
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as exc:              # argparse's own usage errors (exit code 2)
+        rc = exc.code
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
 
@@ -79,6 +82,10 @@ def _bad_configs(tmp_path):
     (tmp_path / "unknown_key.json").write_text('{"datset": "yacht"}')
     (tmp_path / "bad_type.json").write_text('{"epochs": "ten"}')
     (tmp_path / "bad_hidden.json").write_text('{"model": {"hidden": [0]}}')
+    (tmp_path / "model_list.json").write_text('{"model": [1, 2]}')
+    (tmp_path / "optimizer_text.json").write_text('{"optimizer": "adam"}')
+    (tmp_path / "activation_list.json").write_text('{"model": {"activation": ["relu"]}}')
+    (tmp_path / "afile").write_text("a file, not a directory")
     return tmp_path
 
 
@@ -101,6 +108,13 @@ BAD = [
     (["--epochs", "0"], ["'epochs'"]),
     (["--device", "tpu"], ["'device'"]),
     (["--prior-std", "0"], ["bad prior"]),
+    (["--config", "{tmp}/model_list.json"], ["'model' must be an object", "[1, 2]"]),
+    (["--config", "{tmp}/optimizer_text.json"], ["'optimizer' must be an object", "'adam'"]),
+    (["--config", "{tmp}/activation_list.json"], ["model.activation", "['relu']"]),
+    (["--method", "map", "--opt", "betas=[0.9]"], ["betas must be two numbers", "[0.9]"]),
+    (["--seed", str(2 ** 64)], ["'seed'", "2**63 - 1"]),
+    (["--resume", "--overwrite"], ["contradict"]),
+    (["-o", "{tmp}/afile/sub"], ["afile exists and is not a directory"]),
 ]
 
 
@@ -138,6 +152,9 @@ def test_missing_optimizer_module_is_bad_input(tmp_path, capsys, monkeypatch):
 def test_other_commands_bad_input(tmp_path, capsys):
     rc, _, err = _run(["evaluate", tmp_path / "nothing"], capsys)
     assert rc == 2 and "checkpoint not found" in err and str(tmp_path / "nothing") in err
+    for seed in (-1, 2 ** 64):
+        rc, _, err = _run(["evaluate", tmp_path / "nothing", "--seed", seed], capsys)
+        assert rc == 2 and "--seed must be in [0, 2**63 - 1]" in err
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     rc, _, err = _run(["evaluate", tmp_path / "junk.pt", "-o", tmp_path / "ev"], capsys)
     assert rc == 2 and "cannot read checkpoint" in err and not (tmp_path / "ev").exists()
@@ -146,6 +163,9 @@ def test_other_commands_bad_input(tmp_path, capsys):
                          (["--datasets", "yacht", "--data-dir", tmp_path / "e"],
                           "'yacht' not found"),
                          (["--splits", "0"], "--splits"),
+                         (["--datasets", "yacht,yacht"], "['yacht'] given more than once"),
+                         (["--methods", "map,bbb,map"], "['map'] given more than once"),
+                         (["--datasets", ""], "expected a comma-separated list"),
                          (["--config-dir", tmp_path / "nope"], "--config-dir")):
         rc, _, err = _run(["regression-table", "-o", tmp_path / "res"] + argv, capsys)
         assert rc == 2 and needle in err, (argv, err)
@@ -159,9 +179,15 @@ def test_non_empty_output_dir_needs_resume_or_overwrite(tmp_path, capsys):
     rc, _, err = _run(["train", "-o", out, "--epochs", "1"] + TINY, capsys)
     assert rc == 2 and "not empty" in err and "--resume" in err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    for stale in ("tensorboard/events.out.tfevents.old", "evaluation/reliability.png"):
+        (out / stale).parent.mkdir()
+        (out / stale).write_text("from an earlier run")
     rc, _, err = _run(["train", "-o", out, "--epochs", "1", "--overwrite"] + TINY, capsys)
     assert rc == 0, err
     assert (out / "checkpoint.pt").is_file() and (out / "notes.txt").read_text() == "mine"
+    # the earlier run's events and plots are gone: nothing mixes with the new run
+    assert not (out / "tensorboard" / "events.out.tfevents.old").exists()
+    assert not (out / "evaluation").exists()
     # resuming a finished run without more epochs is refused, the run stays as it was
     before = (out / "checkpoint.pt").read_bytes()
     rc, _, err = _run(["train", "-o", out, "--resume"] + TINY[:1], capsys)

@@ -126,6 +126,15 @@ def test_idx_reader_rejects_malformed_files(tmp_path):
     (tmp_path / "notgz.gz").write_bytes(b"not gzip at all")
     with pytest.raises(data.DataError, match="cannot read"):
         data.read_idx(tmp_path / "notgz.gz")
+    # bytes flipped inside the compressed stream: zlib's own error, reported the same way
+    big = struct.pack(">HBBII", 0, 8, 2, 200, 300) + np.random.default_rng(0).integers(
+        0, 256, 60000, dtype=np.uint8).tobytes()
+    packed = bytearray(gzip.compress(big))
+    for i in range(100, len(packed) - 100, 97):
+        packed[i] ^= 0xFF
+    (tmp_path / "corrupt.gz").write_bytes(bytes(packed))
+    with pytest.raises(data.DataError, match="cannot read idx file .*corrupt.gz"):
+        data.read_idx(tmp_path / "corrupt.gz")
 
 
 def test_missing_mnist_files_are_listed(tmp_path, data_dir):
