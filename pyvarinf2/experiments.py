@@ -731,7 +731,12 @@ class Experiment:
                        "prior_term": self.prior_term(), "seconds": time.perf_counter() - t0}
                 row["train_loss"] = train_nll + row["prior_term"]
                 if self.config["eval_samples"] > 0:
-                    for k, v in self.test_metrics(self.config["eval_samples"]).items():
+                    # on a forked random stream: watching the test metrics must not change
+                    # the training run (the same seed trains the same model either way)
+                    cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+                    with torch.random.fork_rng(devices=cuda):
+                        monitored = self.test_metrics(self.config["eval_samples"])
+                    for k, v in monitored.items():
                         row[f"test_{k}"] = v
                 if self.noise is not None:
                     a, b = self.noise.alpha.item(), self.noise.beta.item()

@@ -631,3 +631,21 @@ def test_logged_prior_term_is_the_trained_one_under_a_kl_weight(method):
         weights, noise = float(exp.var_model.prior_loss()), float(exp.noise.kl())
     assert noise > 1.0
     assert exp.prior_term() == pytest.approx((0.25 * weights + noise) / exp.n_train, rel=1e-6)
+
+
+def test_per_epoch_test_metrics_do_not_change_the_training_run(tmp_path, capsys):
+    # the monitoring draws weight samples; it runs on a forked random stream, so the same
+    # seed trains the same model whether or not (and how much) it is watched
+    runs = {}
+    for n in (0, 7):
+        out = tmp_path / f"eval{n}"
+        rc, _, err = _run(["train", "-o", out, "--epochs", "3"] + TINY + ["--eval-samples", n],
+                          capsys)
+        assert rc == 0, err
+        runs[n] = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert [r["train_loss"] for r in runs[0]["history"]] == \
+        [r["train_loss"] for r in runs[7]["history"]]
+    for k, v in runs[0]["model"].items():
+        if torch.is_tensor(v):
+            assert torch.equal(v, runs[7]["model"][k]), k
+    assert "test_rmse" in runs[7]["history"][-1] and "test_rmse" not in runs[0]["history"][-1]
