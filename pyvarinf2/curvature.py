@@ -580,6 +580,16 @@ class PerExampleSquaredGradients:
         captured input and the tensors (sampled weights, buffers) the forward saw."""
         from torch.func import functional_call, vjp, vmap
 
+        batch_stats = [n for n, m in mod.named_modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        if batch_stats:
+            raise RuntimeError(
+                f"per-example gradients: the {type(mod).__name__} holding "
+                f"{sorted(local.values())} has no closed form and normalises with batch "
+                f"statistics inside (BatchNorm {batch_stats} in training mode): recomputed one "
+                "example at a time it would see other statistics (and update its running "
+                "ones). Give those parameters to a module of their own, keep them "
+                "deterministic, or use IVON, which needs no per-example gradients.")
         bdim = _batch_dim(mod)
         B = call.batch_size
         frozen = dict(call.tensors)

@@ -590,3 +590,19 @@ def test_the_plain_sums_expose_a_parameter_used_outside_its_module_or_random_fal
         bad = sq.gradient_mismatch({n: p.grad for n, p in model.named_parameters()})
         assert [n for n, _ in bad] == [culprit]
         assert bad[0][1] > 0.01
+
+
+def test_a_torch_func_module_normalising_with_batch_statistics_is_refused_clearly():
+    # a user module with its own parameter and a BatchNorm child in training mode has no
+    # closed form; recomputed one example at a time it would normalise with that example's
+    # statistics (and torch.func refuses the running-statistics update deep inside backward)
+    torch.manual_seed(0)
+    block = nn.Module()
+    block.gain, block.bn = nn.Parameter(torch.randn(3)), nn.BatchNorm2d(3)
+    block.forward = lambda x: block.bn(x) * block.gain.view(1, 3, 1, 1)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), block, Flatten(), nn.Linear(3 * 16, 3))
+    with pytest.raises(RuntimeError, match=r"normalises with batch statistics.*\['bn'\]"):
+        per_example_squared_gradients(model, lambda out: F.cross_entropy(out, torch.zeros(
+            4, dtype=torch.long)), torch.randn(4, 2, 6, 6), param_names=["1.gain"])
+    block.eval()                               # running statistics: fine, and exact
+    check_model(model, torch.randn(4, 2, 6, 6), torch.randint(0, 3, (4,)))
