@@ -2,8 +2,10 @@
 
     python benchmarks/bench_bbb.py [--steps 60] [--device cpu|cuda]
 
-One process, interleaved steps, median of ``--steps`` steps for each contender:
-* plain: ``nn.Module`` + ``torch.optim.Adam`` on the cross-entropy loss;
+One process, interleaved steps, median of ``--steps`` steps for each contender, each cycling
+through the same 32 random batches of 128 (``common.batch_pool``):
+* plain: ``nn.Module`` + ``torch.optim.Adam`` on the NLL (cross-entropy of the MLP's logits, NLL
+  of the CNN's log-probabilities);
 * bbb: ``variationalize(model)`` + Adam over (mean, log_std) on NLL + prior_loss()/N;
 * bbb_local_reparameterization: the same with ``local_reparameterization=True`` (the Linear
   layers draw per-example pre-activations instead of a shared weight sample).
@@ -22,12 +24,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pyvarinf2  # noqa: E402
-from common import ReadmeCNN, batch_for, interleaved, mlp, write_results  # noqa: E402
+from common import ReadmeCNN, batch_pool, interleaved, mlp, write_results  # noqa: E402
 
 
 def make_steps(name, device):
     model = (mlp() if name == "mlp" else ReadmeCNN()).to(device)
-    x, y = (t.to(device) for t in batch_for(name))
+    pool = batch_pool(name, device=device)
+    # the README CNN returns log-probabilities, the MLP logits
+    loss_fn = F.cross_entropy if name == "mlp" else F.nll_loss
+
+    def batches():        # each contender cycles through the same batches
+        while True:
+            yield from pool
+
     plain = copy.deepcopy(model)
     plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
     var_model = pyvarinf2.variationalize(copy.deepcopy(model)).to(device)
@@ -35,15 +44,17 @@ def make_steps(name, device):
     n = 60000
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def plain_step():
+    def plain_step(it=batches()):
+        x, y = next(it)
         plain_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(plain(x), y).backward()
+        loss_fn(plain(x), y).backward()
         plain_opt.step()
         sync()
 
-    def bbb_step(var_model=var_model, bbb_opt=bbb_opt):
+    def bbb_step(var_model=var_model, bbb_opt=bbb_opt, it=batches()):
+        x, y = next(it)
         bbb_opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(var_model(x), y) + var_model.prior_loss() / n
+        loss = loss_fn(var_model(x), y) + var_model.prior_loss() / n
         loss.backward()
         bbb_opt.step()
         sync()
@@ -52,8 +63,8 @@ def make_steps(name, device):
                                          local_reparameterization=True).to(device)
     lrt_opt = torch.optim.Adam(lrt_model.parameters(), lr=1e-3)
 
-    def bbb_lrt_step():
-        bbb_step(lrt_model, lrt_opt)
+    def bbb_lrt_step(it=batches()):
+        bbb_step(lrt_model, lrt_opt, it)
 
     return {"plain_adam": plain_step, "bbb": bbb_step,
             "bbb_local_reparameterization": bbb_lrt_step}

@@ -4,6 +4,7 @@ import os
 import platform
 import random
 import statistics
+import sys
 import time
 
 import torch
@@ -11,6 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_START = time.perf_counter()      # the wall time written with the results counts from here
 
 
 def mlp(width=400, depth=2, n_in=784, n_out=10):
@@ -103,10 +106,15 @@ def machine():
 
 
 def write_results(name, payload):
+    """Write ``payload`` to benchmarks/results/``name`` with the machine, the date, the exact
+    command line and the wall time of the run so far."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, name)
-    payload = dict(payload, machine=machine(), date=time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                                                                   time.gmtime()))
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO_DIR)
+    payload = dict(payload, machine=machine(),
+                   command=" ".join(["python", script] + sys.argv[1:]),
+                   wall_s=round(time.perf_counter() - _START, 1),
+                   date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     with open(path, "w") as fh:
         json.dump(payload, fh, indent=2)
     return path

@@ -143,11 +143,16 @@ def main(argv=None):
                  "configs/classification/<method>_mnist.json --hidden 400,400`, then `pyvarinf2 "
                  "evaluate`; OOD = Fashion-MNIST test set, AUROC of predictive entropy).\n\n")
         total = sum(r["train_wall_s"] or 0.0 for r in rows)
-        fh.write(f"Machine: {mach['cpu']}, {mach['cores']} cores, no GPU, torch {mach['torch']}; "
+        gpu = mach.get("gpu", "no GPU")
+        reused = wall < 60      # every run was found finished and read back
+        fh.write(f"Machine: {mach['cpu']}, {mach['cores']} cores, {gpu}, torch {mach['torch']}; "
                  f"{args.workers} runs in parallel, 1 thread each, while other work shared the "
-                 f"machine. Training wall time per run in the last column (sum "
-                 f"{total / 60:.1f} min; evaluation adds about a minute per run); this "
-                 f"invocation took {wall / 60:.1f} min (finished runs are reused, not re-run).\n\n")
+                 f"machine. The last column is each run's own training wall time (absolute, so "
+                 f"only roughly comparable: runs shared the cores and it includes the per-epoch "
+                 f"test metrics; sum {total / 60:.1f} min; the final evaluation adds about a "
+                 f"minute per run); "
+                 + ("this invocation only read back finished runs (they are reused, not re-run)."
+                    if reused else f"this invocation took {wall / 60:.1f} min.") + "\n\n")
         fh.write("| method | λ | accuracy | NLL | ECE | OOD AUROC | Brier | epochs | epochs to 97% "
                  "| train wall (s) |\n|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows + extra:

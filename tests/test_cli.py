@@ -616,6 +616,9 @@ def test_uci_table_compares_with_mc_dropout_not_standard_dropout(data_dir):
     assert ll == pytest.approx(-2.401936, abs=1e-5)
     assert ll_se == pytest.approx(0.041702 * c, abs=1e-5)
     assert mod.mc_dropout(data_dir, "yacht")[0] == pytest.approx(0.67, abs=0.005)
+    # a partial row is compared over its own splits (boston's first three are easy ones)
+    first = mod.mc_dropout(data_dir, "bostonHousing", [2, 0, 1])
+    assert first[4] == 3 and first[0] == pytest.approx(2.58, abs=0.005)
 
 
 @pytest.mark.parametrize("method", ["bbb", "noisy_kfac"])
