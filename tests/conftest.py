@@ -63,3 +63,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class _Branch(torch.nn.Module):
+    """Two alternative first layers and a head: a forward uses one branch (``use_b``), so the
+    other branch's parameters get no gradient (or a zero one with set_to_none=False)."""
+
+    def __init__(self, d_in=5, hidden=8, d_out=3):
+        super().__init__()
+        self.a = torch.nn.Linear(d_in, hidden)
+        self.b = torch.nn.Linear(d_in, hidden)
+        self.head = torch.nn.Linear(hidden, d_out)
+
+    def forward(self, x, use_b=False):
+        return self.head(torch.tanh(self.b(x) if use_b else self.a(x)))
+
+
+@pytest.fixture
+def branch_model():
+    """The class of a model with an unused branch per forward (see ``_Branch``)."""
+    return _Branch

@@ -1,6 +1,7 @@
 """NoisyAdam, VOGN and IVON: exact posteriors of Bayesian linear regression, priors, resume,
 the non-finite guard, hyper-parameter validation, MNIST with the documented defaults."""
 import copy
+import pickle
 import gc
 import gzip
 import math
@@ -852,3 +853,76 @@ def test_per_example_gradients_that_do_not_add_up_are_refused_on_the_first_step(
     opt = cls(vm, dataset_size=100)
     train_steps(vm, opt, 3, x, y)
     assert not opt._collector.verify
+
+
+def _two_groups(vm, opt):
+    """Move the last layer's parameters into a second param group (half the lr)."""
+    last = [vm.model[2].weight, vm.model[2].bias]
+    g0 = opt.param_groups[0]
+    g0["params"] = [p for p in g0["params"] if all(p is not q for q in last)]
+    opt.add_param_group({"params": last, "lr": opt.defaults["lr"] * 0.5})
+
+
+@pytest.mark.parametrize("cls,flat", [(NoisyAdam, None), (VOGN, None), (IVON, True),
+                                      (IVON, False)],
+                         ids=["NoisyAdam", "VOGN", "IVON-flat", "IVON-per-tensor"])
+def test_several_param_groups_train_and_a_refused_step_changes_no_group(cls, flat):
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(make_mlp())
+    opt = cls(vm, dataset_size=200)
+    if flat is not None:
+        opt.flat_path = flat
+    _two_groups(vm, opt)
+    x, y = toy_batch()
+    train_steps(vm, opt, 3, x, y)                 # both groups get their statistics
+    assert all(opt.state[p]["step"] == 3 for g in opt.param_groups for p in g["params"])
+    before_model, before_opt = snapshot(vm, opt)
+    opt.zero_grad()
+    F.cross_entropy(vm(x), y).backward()
+    vm.model[2].weight.grad[0, 0] = float("nan")  # the second group goes non-finite
+    with pytest.raises(NonFiniteError, match="2.weight"):
+        opt.step()
+    for (n, a), (_, b) in zip(vm.state_dict().items(), before_model.items()):
+        assert torch.equal(a, b) if torch.is_tensor(a) else a == b, n
+    after = opt.state_dict()["state"]
+    for i, st in before_opt["state"].items():
+        for key, v in st.items():
+            assert torch.equal(after[i][key], v) if torch.is_tensor(v) else after[i][key] == v
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_zero_grad_without_none_and_an_unused_branch(cls, branch_model):
+    # zero_grad(set_to_none=False) keeps zero gradients for parameters this forward did not
+    # use: they are no data (no per-example record needed), not an error
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(branch_model())
+    opt = cls(vm, dataset_size=200)
+    x, y = toy_batch()
+    for use_b in (False, True, False, False):
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(vm(x, use_b=use_b), y).backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in vm.parameters())
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_optimizers_refuse_copies_closures_without_loss_and_underflowing_damping(cls):
+    vm = pyvarinf2.variationalize(make_mlp())
+    opt = cls(vm, dataset_size=200)
+    for copier in (copy.deepcopy, copy.copy, lambda o: pickle.dumps(o)):
+        with pytest.raises(TypeError, match="cannot be copied or pickled.*state_dict"):
+            copier(opt)
+    x, y = toy_batch()
+
+    def closure():
+        opt.zero_grad()
+        F.cross_entropy(vm(x), y).backward()
+
+    before = copy.deepcopy(vm.state_dict())
+    with pytest.raises(TypeError, match="closure must return the loss"):
+        opt.step(closure)
+    for k, v in vm.state_dict().items():
+        assert torch.equal(v, before[k]) if torch.is_tensor(v) else v == before[k], k
+    if cls is not IVON:        # IVON starts at hess_init = 1, never at a zero curvature
+        with pytest.raises(ValueError, match="kl_weight=1e-50.*not finite"):
+            cls(pyvarinf2.variationalize(make_mlp()), dataset_size=200, kl_weight=1e-50)

@@ -626,3 +626,34 @@ def test_a_new_kl_weight_reaches_the_posterior_at_the_next_step(opt_cls):
     want = torch.sqrt(scale / (curv + scale * 1.0))
     post = dict(vm.named_posteriors())["0"]
     torch.testing.assert_close(post.std, want)
+
+
+@pytest.mark.parametrize("opt_cls", OPTIMIZERS)
+def test_no_op_steps_unused_layers_frozen_weights_and_copies(opt_cls, branch_model):
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(branch_model(d_in=4, hidden=6))
+    opt = opt_cls(vm, dataset_size=100, T_cov=2, T_inv=4)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    # a step without any gradient (no backward) is a no-op: the T_cov/T_inv schedule stays
+    opt.step()
+    assert opt._kstep == 0
+    # zero_grad(set_to_none=False) keeps zero gradients for the unused branch: no K-FAC
+    # record is expected for it, on capture steps included
+    for k in range(6):
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(vm(x, use_b=(k == 3)), y).backward()
+        opt.step()
+    assert opt._kstep == 6
+    assert all(torch.isfinite(p).all() for p in vm.parameters())
+    with pytest.raises(TypeError, match="cannot be copied or pickled"):
+        copy.deepcopy(opt)
+    # a weight frozen after variationalize with its bias still trained: the Kronecker
+    # posterior covers both, so the step is refused (it used to skip the bias silently)
+    vm.model.head.weight.requires_grad_(False)
+    before = copy.deepcopy(vm.state_dict())
+    opt.zero_grad()
+    F.cross_entropy(vm(x), y).backward()
+    with pytest.raises(RuntimeError, match="'head' has a gradient for its bias but none"):
+        opt.step()
+    for k, v in vm.state_dict().items():
+        assert torch.equal(v, before[k]) if torch.is_tensor(v) else v == before[k], k

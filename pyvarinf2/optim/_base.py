@@ -110,6 +110,14 @@ class VariationalOptimizer(torch.optim.Optimizer):
         var_model.record_noise = True
         var_model.scales_require_grad_(False)
 
+    def __getstate__(self):
+        # torch.optim.Optimizer pickles only defaults, state and param_groups: a copy would
+        # lose its model, its hooks and its caches and fail (or worse) at its first step
+        raise TypeError(
+            f"a {type(self).__name__} cannot be copied or pickled: it is bound to its model "
+            "(hooks, posteriors). Save opt.state_dict() and load it into a new optimizer built "
+            "on the (copied) model.")
+
     @staticmethod
     def check_common(var_model, dataset_size, kl_weight, mc_samples, lr=None):
         """The checks every variational optimizer makes; subclasses that change the model
@@ -169,6 +177,9 @@ class VariationalOptimizer(torch.optim.Optimizer):
         for i in range(m):
             with torch.enable_grad():
                 loss = closure()
+            if loss is None:
+                raise TypeError(f"{type(self).__name__}.step(closure): the closure must return "
+                                "the loss (it returned None)")
             accumulate(i)
             total = total + (loss.detach() if torch.is_tensor(loss) else loss)
         return total / m

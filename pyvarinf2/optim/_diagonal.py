@@ -184,6 +184,14 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
             log_stds = self._log_std(group, denoms, shifts)
             self._check(0, params, [], denoms)
             for p, ls in zip(params, log_stds):
+                if not bool(torch.isfinite(ls).all()):
+                    raise ValueError(
+                        f"{type(self).__name__}: with kl_weight={group['kl_weight']!r} and "
+                        f"dataset_size={group['dataset_size']!r} the initial posterior std of "
+                        f"{self.name_of(p)} is not finite in {p.dtype} (the damping λ·π/N "
+                        "underflows to 0); use a larger kl_weight, a positive hess_init, or "
+                        "float64")
+            for p, ls in zip(params, log_stds):
                 _set_log_std(self.posterior_of(p), ls)
 
     def _log_std(self, group, denoms, shifts):
@@ -215,18 +223,31 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
                     "damping (extrinsic damping, prior precision) or check the data.")
 
     # ------------------------------------------------------------------ statistics
-    def _sample_stats(self, params, group, priors):
+    def _take_per_example(self):
+        """The per-example squared-gradient sums of the last forward/backward, for every
+        group at once (``{}`` when the optimizer needs none); the first step also checks
+        that they add up to the gradients (:meth:`_check_per_example_sums`)."""
+        if not self.needs_per_example:
+            return {}
+        if self._collector.verify:
+            self._check_per_example_sums([p for g in self.param_groups for p in g["params"]
+                                          if p.grad is not None])
+        sums = self._collector.result()            # already (1/B) Σ_i g_i²
+        self._collector.reset()
+        return sums
+
+    def _sample_stats(self, params, group, priors, sums):
         """What one forward/backward gives: {'grad', 'sq', 'hess', 'prior'} lists aligned
-        with ``params`` (the ones with a gradient)."""
+        with ``params`` (the ones with a gradient); ``sums``: :meth:`_take_per_example`."""
         out = {"grad": [p.grad for p in params]}
         if self.needs_per_example:
-            if self._collector.verify:
-                self._check_per_example_sums(params)
-            sums = self._collector.result()        # already (1/B) Σ_i g_i²
-            self._collector.reset()
             sq = []
             for p in params:
                 s = sums.get(self.name_of(p))
+                if s is None and not bool(p.grad.any()):
+                    # a zero gradient kept by zero_grad(set_to_none=False) for a parameter
+                    # this forward did not use: no data, no curvature
+                    s = torch.zeros_like(p)
                 if s is None:
                     raise RuntimeError(
                         f"{type(self).__name__}: parameter {self.name_of(p)!r} has a gradient "
@@ -256,7 +277,8 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
         up to each parameter's gradient, else their squares are not the curvature either.
         Raises before anything changes, naming the parameters."""
         self._collector.verify = False
-        bad = self._collector.gradient_mismatch({self.name_of(p): p.grad for p in params})
+        bad = self._collector.gradient_mismatch({self.name_of(p): p.grad for p in params
+                                                 if bool(p.grad.any())})
         if bad:
             names = ", ".join(f"{n} (relative difference {r:.2g})" for n, r in bad[:5])
             raise RuntimeError(
@@ -288,10 +310,11 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
         """Per group: (params with a gradient, averaged statistics), and the loss."""
         if closure is None:
             result = []
+            sums = self._take_per_example()
             for group in self.param_groups:
                 params = [p for p in group["params"] if p.grad is not None]
                 priors = self._priors_of(params)
-                result.append((params, self._sample_stats(params, group, priors)
+                result.append((params, self._sample_stats(params, group, priors, sums)
                                if params else None, priors))
             return result, None
         m = self.defaults["mc_samples"]
@@ -301,7 +324,11 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
         for i in range(m):
             with torch.enable_grad():
                 loss = closure()
+            if loss is None:
+                raise TypeError(f"{type(self).__name__}.step(closure): the closure must return "
+                                "the loss (it returned None)")
             total = total + (loss.detach() if torch.is_tensor(loss) else loss)
+            sums = self._take_per_example()
             for gi, group in enumerate(self.param_groups):
                 params = [p for p in group["params"] if p.grad is not None]
                 if members[gi] is None:
@@ -311,7 +338,7 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
                                        "different Monte-Carlo samples")
                 if not params:
                     continue
-                st = self._sample_stats(params, group, self._priors_of(params))
+                st = self._sample_stats(params, group, self._priors_of(params), sums)
                 if acc[gi] is None:
                     acc[gi] = {k: ([t.clone() if t is not None else None for t in v])
                                for k, v in st.items()}
@@ -355,6 +382,7 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
         closure's mean loss, if any."""
         key = self._curvature_key()
         collected, loss = self._collect(closure)
+        pending = []
         for group, (params, stats, priors) in zip(self.param_groups, collected):
             if not params:
                 continue
@@ -377,8 +405,11 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
             self._check(max(steps), params, new_means, denom_post)
             new_states = [{"step": k, "exp_avg": m, key: c}
                           for k, m, c in zip(steps, exp_avg, curv)]
-            self._commit(group, params, new_means, denom_post, [0.5 * math.log(b) for b in bc2],
-                         new_states)
+            pending.append((group, params, new_means, denom_post,
+                            [0.5 * math.log(b) for b in bc2], new_states))
+        # every group was checked before any is written: a refused step changes nothing
+        for args in pending:
+            self._commit(*args)
         return loss
 
     def _newton_means(self, group, params, exp_avg, denoms, bc2, steps):

@@ -119,13 +119,17 @@ class IVON(DiagonalVariationalOptimizer):
         if closure is None and self.flat_path and self._flat_step_from_grads():
             return None
         collected, loss = self._collect(closure)
+        # every group is computed and checked before any is written: a refused step in one
+        # group leaves the others untouched as well
+        commits = []
         for group, (params, stats, priors) in zip(self.param_groups, collected):
             if not params:
                 continue
             plan = self._flat_plan(group, params, priors)
             if plan is not None:
                 flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
-                self._flat_step(group, params, flat(stats["grad"]), flat(stats["hess"]), plan)
+                commits.append(self._flat_step(group, params, flat(stats["grad"]),
+                                               flat(stats["hess"]), plan))
                 continue
             beta1, beta2 = group["betas"]
             lr, clip = group["lr"], group["clip_radius"]
@@ -170,7 +174,10 @@ class IVON(DiagonalVariationalOptimizer):
             self._check(max(steps), params, new_means, d_new)
             new_states = [{"step": k, "exp_avg": m, "hess": h}
                           for k, m, h in zip(steps, exp_avg, new_hess)]
-            self._commit(group, params, new_means, d_new, [0.0] * len(params), new_states)
+            commits.append(lambda a=(group, params, new_means, d_new, [0.0] * len(params),
+                                     new_states): self._commit(*a))
+        for commit in commits:
+            commit()
         return loss
 
     # ------------------------------------------------------------------ flat fast path
@@ -306,6 +313,7 @@ class IVON(DiagonalVariationalOptimizer):
                 return False
             todo.append((group, params, plan))
         record = self.var_model.last_noise
+        commits = []
         for group, params, plan in todo:
             grad = torch.cat([p.grad.reshape(-1) for p in params])
             if record is not None and all(k in record for k in plan["noise_keys"]):
@@ -315,12 +323,14 @@ class IVON(DiagonalVariationalOptimizer):
             flat = self._as_flat(noise, grad.numel())
             h_hat = (torch.mul(flat, grad) if flat is not None
                      else torch.cat([e.reshape(-1) for e in noise]).mul_(grad))
-            self._flat_step(group, params, grad, h_hat, plan)   # ĥ·σ = ĝ ε
+            commits.append(self._flat_step(group, params, grad, h_hat, plan))   # ĥ·σ = ĝ ε
+        for commit in commits:       # after every group was checked
+            commit()
         return True
 
     def _flat_step(self, group, params, grad, h_hat, plan):
         """The update of :meth:`step` on the flat buffers of ``plan``; ``grad`` and ``h_hat``
-        (ĝ ε, consumed) are flat."""
+        (ĝ ε, consumed) are flat. Computes and checks; returns the function that writes it."""
         beta1, beta2 = group["betas"]
         lr, clip = group["lr"], group["clip_radius"]
         states = plan["states"]
@@ -354,15 +364,18 @@ class IVON(DiagonalVariationalOptimizer):
         if not math.isfinite(float(new_mean.sum() + d_new.sum())):
             split = lambda t: [v.view_as(p) for v, p in zip(t.split(sizes), params)]  # noqa: E731
             self._check(k, params, split(new_mean), split(d_new))   # raises, naming the culprit
-        # commit: means, scales (log σ = ½ log(λ/N) − ½ log(h + δ)), then the state
-        torch._foreach_copy_(plan["p_flat"], new_mean.split(sizes))
-        log_std = d_new.log_().mul_(-0.5).add_(
-            0.5 * math.log(group["kl_weight"] / group["dataset_size"]))
-        torch._foreach_copy_(plan["ls_flat"], log_std.split(sizes))
-        m.copy_(exp_avg)
-        h.copy_(new_hess)
-        for st in states:
-            st["step"] = k
+        def commit():
+            # means, scales (log σ = ½ log(λ/N) − ½ log(h + δ)), then the state
+            torch._foreach_copy_(plan["p_flat"], new_mean.split(sizes))
+            log_std = d_new.log_().mul_(-0.5).add_(
+                0.5 * math.log(group["kl_weight"] / group["dataset_size"]))
+            torch._foreach_copy_(plan["ls_flat"], log_std.split(sizes))
+            m.copy_(exp_avg)
+            h.copy_(new_hess)
+            for st in states:
+                st["step"] = k
+
+        return commit
 
     @staticmethod
     def _scaled_prior_sum(exp_avg, params, terms, bc1):

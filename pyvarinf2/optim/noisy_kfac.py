@@ -354,11 +354,27 @@ class NoisyKFAC(VariationalOptimizer):
 
     def _step(self, closure):
         loss, grads, prior_terms = self._collect(closure)
+        if not grads:
+            # no gradient at all (step() without a backward): nothing to do, and the
+            # T_cov / T_inv schedule does not move either
+            return loss
+        for layer in self._layers:
+            w, b = self._layer_params(layer)
+            if grads.get(w) is None and b is not None and grads.get(b) is not None:
+                raise RuntimeError(
+                    f"{type(self).__name__}: layer {layer.path or '<root>'!r} has a gradient for "
+                    "its bias but none for its weight (frozen after variationalize?). Its "
+                    "Kronecker posterior covers both; freeze the weight before "
+                    "variationalize, or keep the layer out with layers=...; nothing was "
+                    "changed.")
         k = self._kstep
         captured = self._capture.take() if self._stats_pending else {}
         if captured:
+            # (a zero gradient kept by zero_grad(set_to_none=False) for a layer this forward
+            # did not use is no gradient)
             missing = [layer.path or "<root>" for i, layer in enumerate(self._layers)
-                       if i not in captured and grads.get(self._layer_params(layer)[0]) is not None]
+                       if i not in captured
+                       and _nonzero(grads.get(self._layer_params(layer)[0]))]
             if missing:
                 raise RuntimeError(
                     f"{type(self).__name__}: layer(s) {missing} received a gradient but no "
@@ -562,6 +578,10 @@ class NoisyKFAC(VariationalOptimizer):
             stddevs[self.posterior_of(p)] = torch.sqrt((lam / n_data) / (f_hat + gamma_in))
             states[p] = {"exp_avg": m, "fisher": f, "step": t}
         return stddevs
+
+
+def _nonzero(t):
+    return t is not None and bool(t.any())
 
 
 def _projected_squares(a, g, q_a, q_s, dtype=None):
