@@ -516,14 +516,19 @@ class PerExampleSquaredGradients:
         if g is not None and _is_plain(mod, nn.Linear) and call.args[0].dim() == 2:
             a = call.args[0]
             g2 = g * g
-            out, plain = {}, {}
+            out = {}
             if "weight" in local:
                 out["weight"] = torch.mm(g2.t(), a * a)
-                plain["weight"] = torch.mm(g.t(), a) / scale
             if "bias" in local:
                 out["bias"] = g2.sum(0)
+            if not plain_sums:           # (the check's extra product, first step only)
+                return out, None
+            plain = {}
+            if "weight" in local:
+                plain["weight"] = torch.mm(g.t(), a) / scale
+            if "bias" in local:
                 plain["bias"] = g.sum(0) / scale
-            return out, (plain if plain_sums else None)
+            return out, plain
         if g is not None and _is_plain(mod, nn.Embedding) and _embedding_closed_form(mod):
             if "weight" not in local:
                 return {}, ({} if plain_sums else None)

@@ -448,12 +448,28 @@ class VariationalModel(nn.Module):
             self.last_noise = record
         return out
 
+    def _cached_sigma(self, log_std):
+        """σ = exp(log_std) of the last sample for this very tensor, if it is unchanged since
+        (version counter, storage, dtype), else ``None``."""
+        cache = self.__dict__.get("_sigma_cache")
+        if cache is None:
+            return None
+        index = cache[3] if len(cache) > 3 else None
+        if index is None:
+            index = {id(t): i for i, t in enumerate(cache[0])}
+            self.__dict__["_sigma_cache"] = cache = (*cache[:3], index)
+        i = index.get(id(log_std))
+        if i is None or cache[0][i] is not log_std \
+                or (log_std._version, log_std.data_ptr(), log_std.dtype) != cache[1][i]:
+            return None
+        return cache[2][i]
+
     def _cached_sigmas(self, log_stds):
         """σ = exp(log_std) of the last sample if it covered exactly these, unchanged, tensors."""
         cache = self.__dict__.get("_sigma_cache")
         if cache is None:
             return None
-        tensors, versions, sigmas = cache
+        tensors, versions, sigmas = cache[:3]
         if len(tensors) != len(log_stds) or len(sigmas) != len(log_stds):
             return None
         for a, b, v in zip(tensors, log_stds, versions):

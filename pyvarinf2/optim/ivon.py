@@ -106,9 +106,13 @@ class IVON(DiagonalVariationalOptimizer):
         return list(torch._foreach_mul(grads, noise))
 
     def _stds(self, params):
-        """σ of each parameter's posterior as the model holds it (what the sample used)."""
+        """σ of each parameter's posterior as the model holds it (what the sample used): the
+        sample's own σ while the scales are unchanged since, else computed."""
         posts = [self.posterior_of(p) for p in params]
         if all(isinstance(getattr(post, "log_std", None), torch.Tensor) for post in posts):
+            cached = [self.var_model._cached_sigma(post.log_std) for post in posts]
+            if all(c is not None for c in cached):
+                return cached
             return torch._foreach_exp([post.log_std for post in posts])
         return [post.stddev for post in posts]
 
