@@ -330,6 +330,25 @@ class DistributionPrior(Prior):
         except NotImplementedError:
             self.closed_form = False
 
+    def check_fits(self, shape, name):
+        """Raise a ValueError unless the distribution is element-wise (no event dimensions)
+        with a batch shape that broadcasts to ``shape`` without enlarging it: a larger batch
+        shape would silently sum several log densities per weight."""
+        dist = self.distribution
+        if tuple(dist.event_shape) != ():
+            raise ValueError(f"prior for {name}: {type(dist).__name__} has event shape "
+                             f"{tuple(dist.event_shape)}; priors are element-wise (event shape "
+                             "()): give a univariate distribution, one per weight or shared")
+        batch = tuple(dist.batch_shape)
+        try:
+            fits = tuple(torch.broadcast_shapes(batch, tuple(shape))) == tuple(shape)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"prior for {name}: batch shape {batch} of the "
+                             f"{type(dist).__name__} does not broadcast to the parameter's shape "
+                             f"{tuple(shape)}")
+
     def _on(self, like):
         # move the distribution's tensors to the parameter's device/dtype lazily
         dist = self.distribution

@@ -72,6 +72,14 @@ def _flat_noise(likes):
     return out
 
 
+def _check_prior_fits(prior, named_shapes):
+    """A distribution prior must fit every parameter it is given to (ValueError)."""
+    check = getattr(prior, "check_fits", None)
+    if check is not None:
+        for name, shape in named_shapes:
+            check(shape, name)
+
+
 def _check_flag(value, argname):
     if not isinstance(value, bool):
         raise TypeError(f"{argname} must be True or False, got {value!r}")
@@ -188,6 +196,7 @@ class VariationalModel(nn.Module):
         if not selected:
             raise ValueError("model has no trainable parameter left to put a posterior on "
                              "(all have requires_grad=False or match `deterministic`)")
+        _check_prior_fits(prior_obj, [(name, p.shape) for name, p, _, _ in selected])
         super().__init__()
         self.model = model
         self.posteriors = nn.Module()
@@ -345,6 +354,7 @@ class VariationalModel(nn.Module):
         if not names:
             raise ValueError(f"parameters={parameters!r} matches no parameter with a posterior; "
                              f"those are {list(self._priors)}")
+        _check_prior_fits(prior_obj, [(n, self._mean_of(n).shape) for n in names])
         for name in names:
             self._priors[name] = prior_obj
         return self

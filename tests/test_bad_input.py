@@ -238,3 +238,18 @@ def test_other_entry_points(vm):
         post.set_stddev(bad)
     assert_same(vm, before)
     assert math.isfinite(float(vm.prior_loss().detach()))
+
+
+def test_a_distribution_prior_must_fit_the_parameters_it_is_given_to(vm):
+    # a batch shape larger than the parameter's would sum several log densities per weight
+    # (a (3, 1) Student-t on a bias of 4: 12 terms, the KL silently 3x too large)
+    before = fingerprint(vm)
+    with pytest.raises(ValueError, match=r"prior for 0.bias: batch shape \(3, 1\).*\(4,\)"):
+        vm.set_prior(D.StudentT(3.0, torch.zeros(3, 1), torch.ones(3, 1)), parameters="0.bias")
+    with pytest.raises(ValueError, match="event shape"):
+        vm.set_prior(D.MultivariateNormal(torch.zeros(4), torch.eye(4)), parameters="0.bias")
+    with pytest.raises(ValueError, match=r"batch shape \(5,\)"):
+        pv.variationalize(make_model(), prior=D.Laplace(torch.zeros(5), torch.ones(5)))
+    assert_same(vm, before)
+    vm.set_prior(D.StudentT(3.0, torch.zeros(4), torch.ones(4)), parameters="0.bias")  # fits
+    vm.set_prior(D.Laplace(0.0, 1.0))                                                  # scalar
