@@ -926,3 +926,17 @@ def test_optimizers_refuse_copies_closures_without_loss_and_underflowing_damping
     if cls is not IVON:        # IVON starts at hess_init = 1, never at a zero curvature
         with pytest.raises(ValueError, match="kl_weight=1e-50.*not finite"):
             cls(pyvarinf2.variationalize(make_mlp()), dataset_size=200, kl_weight=1e-50)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_add_param_group_refuses_foreign_tensors_and_bad_settings(cls):
+    vm = pyvarinf2.variationalize(make_mlp())
+    opt = cls(vm, dataset_size=200)
+    n_groups = len(opt.param_groups)
+    for group, needle in (({"params": [torch.zeros(3, requires_grad=True)]}, "not posterior means"),
+                          ({"params": [], "dataset_size": 0}, "dataset_size"),
+                          ({"params": [], "kl_weight": -1.0}, "kl_weight"),
+                          ({"params": [], "lr": 0.0}, "lr")):
+        with pytest.raises(ValueError, match=needle):
+            opt.add_param_group(group)
+    assert len(opt.param_groups) == n_groups

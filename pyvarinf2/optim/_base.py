@@ -110,6 +110,27 @@ class VariationalOptimizer(torch.optim.Optimizer):
         var_model.record_noise = True
         var_model.scales_require_grad_(False)
 
+    def add_param_group(self, param_group):
+        """torch.optim's, plus checks once the optimizer is built: the parameters must be
+        posterior means of this optimizer's model, and ``lr``, ``dataset_size`` and
+        ``kl_weight`` given in the group valid (ValueError before anything changes)."""
+        names = self.__dict__.get("_names")
+        if names is not None:
+            params = param_group.get("params")
+            params = [params] if isinstance(params, torch.Tensor) else list(params or [])
+            foreign = [p for p in params if p not in names]
+            if foreign:
+                raise ValueError(
+                    f"add_param_group: {len(foreign)} tensor(s) are not posterior means of this "
+                    f"{type(self).__name__}'s model (shapes "
+                    f"{[tuple(p.shape) for p in foreign][:5]}); an optimizer covers the means "
+                    "of the model it was built on")
+            for key, check in (("lr", check_positive), ("kl_weight", check_positive),
+                               ("dataset_size", check_positive_int)):
+                if key in param_group:
+                    check(key, param_group[key])
+        return super().add_param_group(param_group)
+
     def __getstate__(self):
         # torch.optim.Optimizer pickles only defaults, state and param_groups: a copy would
         # lose its model, its hooks and its caches and fail (or worse) at its first step
