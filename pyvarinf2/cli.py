@@ -36,15 +36,23 @@ def _int_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
+#: optimizer options whose values are words: their VALUE is taken as text, never as JSON
+#: (``--opt fisher=true`` is the word 'true', not the boolean)
+_TEXT_OPTIONS = {"fisher", "likelihood", "damping_mode"}
+
+
 def _key_value(text):
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
+    key = key.strip()
+    if key in _TEXT_OPTIONS:
+        return key, value.strip().strip("'\"")
     try:
         value = json.loads(value)
     except json.JSONDecodeError:
         pass  # a bare string
-    return key.strip(), value
+    return key, value
 
 
 def build_parser():
@@ -70,8 +78,9 @@ def build_parser():
     t.add_argument("--activation", help="relu, tanh, sigmoid or gelu")
     t.add_argument("--lr", type=float, help="learning rate")
     t.add_argument("--opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="an optimizer hyper-parameter (repeatable; VALUE is JSON), e.g. "
-                        "--opt damping=1e-3 --opt betas=[0.9,0.99]")
+                   help="an optimizer hyper-parameter (repeatable; VALUE is JSON, except for "
+                        "the word-valued fisher, likelihood and damping_mode), e.g. "
+                        "--opt extrinsic_damping=1e-3 --opt betas=[0.9,0.99] --opt fisher=true")
     t.add_argument("--prior-std", type=float, help="std of the Gaussian prior")
     t.add_argument("--kl-weight", type=float, help="KL weight λ (1 = ELBO)")
     t.add_argument("--init-std", type=float, help="initial posterior std (map/bbb)")

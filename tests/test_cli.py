@@ -652,3 +652,13 @@ def test_per_epoch_test_metrics_do_not_change_the_training_run(tmp_path, capsys)
         if torch.is_tensor(v):
             assert torch.equal(v, runs[7]["model"][k]), k
     assert "test_rmse" in runs[7]["history"][-1] and "test_rmse" not in runs[0]["history"][-1]
+
+
+def test_opt_values_are_json_except_the_word_valued_options():
+    assert cli._key_value("betas=[0.9, 0.99]") == ("betas", [0.9, 0.99])
+    assert cli._key_value("kl_clip=null") == ("kl_clip", None)
+    assert cli._key_value("mc_samples=3") == ("mc_samples", 3)
+    # fisher=true is the word: the option takes 'empirical' or 'true', not a boolean
+    assert cli._key_value("fisher=true") == ("fisher", "true")
+    assert cli._key_value('fisher="true"') == ("fisher", "true")
+    assert cli._key_value("likelihood=gaussian") == ("likelihood", "gaussian")
