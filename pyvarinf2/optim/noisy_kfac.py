@@ -42,8 +42,9 @@ The K-FAC update of a layer (homogeneous matrix ``W_h = [W, b]``, ``out x n_in``
   ``buf ← momentum·buf + ν Δ`` and ``W_h ← W_h − lr·buf``.
 * the posterior: ``W_h = M_h + Q_S (σ ⊙ E) Q_Aᵀ`` with ``σ² = (λ/N) / D_in`` where ``D_in`` is
   ``D`` with the intrinsic damping ``γ_in`` only (``extrinsic_damping`` is not part of the
-  posterior, as in the paper). With ``'pi'`` this is ``W = M + sqrt(λ/N) S_γ^{-1/2} E
-  A_γ^{-1/2}`` in distribution. On single-output Bayesian linear regression, where ``S`` is a scalar and the
+  posterior, as in the paper). With ``'pi'`` this is ``W = M + sqrt(λ/N) S_γin^{-1/2} E
+  A_γin^{-1/2}`` in distribution (the factors damped with ``γ_in`` alone). On single-output
+  Bayesian linear regression, where ``S`` is a scalar and the
   Fisher is exactly Kronecker, ``'eigen'`` gives the exact posterior covariance
   ``(N/λ · Fisher + prior precision)⁻¹``; ``'pi'`` adds the cross terms of the split damping.
 
