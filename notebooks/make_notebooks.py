@@ -609,7 +609,8 @@ from pyvarinf2.predict import classification_predictive
     optimizers get `dataset_size=N` and the plain mean NLL. MAP and Bayes-by-backprop use Adam
     with learning rate `1e-3`; the natural-gradient optimizers use their default
     hyper-parameters (the learning rate is printed with the results). Every learning rate is
-    divided by 10 for the last 30 % of the epochs.
+    divided by 10 after epoch `int(0.7 * EPOCHS)`: for the last 2 of the 5 epochs here (at the
+    1-epoch size CI runs, never).
     """),
     code("""
     def network():

@@ -11,7 +11,7 @@ Methods
 -------
 * ``map`` — the posterior means trained by Adam on ``NLL + kl_weight · (−log p(θ)) / N`` with the
   prior as a penalty (no sampling; the point estimate of the same network).
-* ``bbb`` — Bayes-by-backprop: Adam on means and ``rho`` with
+* ``bbb`` — Bayes-by-backprop: Adam on means and ``log_std`` with
   ``NLL(θ ~ q) + kl_weight · KL(q || p) / N`` (``train_samples`` weight draws per step).
 * ``noisy_adam``, ``noisy_kfac``, ``noisy_ekfac``, ``vogn``, ``ivon`` — the natural-gradient
   optimizers of :mod:`pyvarinf2.optim` (resolved by name at run time), which take the plain mean
