@@ -910,6 +910,8 @@ def prepare_run(config, output_dir, data_dir=None, resume=False, overwrite=False
                               f"over epochs = {saved['epochs']} (lr_decay cosine); it cannot "
                               f"be extended to epochs = {mine['epochs']}")
         config = dict(saved, epochs=mine["epochs"], device=mine["device"])
+        if data_dir is None and not os.environ.get("PYVARINF2_DATA") and state.get("data_dir"):
+            data_dir = state["data_dir"]  # where the run was trained, as evaluate does
     elif output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ConfigError(f"output directory {output_dir} is not empty; use --resume to "
                           "continue its run or --overwrite to start afresh")

@@ -8,6 +8,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -662,3 +663,20 @@ def test_opt_values_are_json_except_the_word_valued_options():
     assert cli._key_value("fisher=true") == ("fisher", "true")
     assert cli._key_value('fisher="true"') == ("fisher", "true")
     assert cli._key_value("likelihood=gaussian") == ("likelihood", "gaussian")
+
+
+def test_resume_finds_the_data_where_the_run_was_trained(tmp_path, capsys, data_dir,
+                                                         monkeypatch):
+    # like evaluate, a resume without --data-dir (and no PYVARINF2_DATA) reads the data from
+    # the directory the run was trained on
+    monkeypatch.delenv("PYVARINF2_DATA", raising=False)
+    mine = tmp_path / "mydata"
+    shutil.copytree(pathlib.Path(data_dir) / "uci" / "yacht", mine / "uci" / "yacht")
+    out = tmp_path / "yacht"
+    rc, _, err = _run(["train", "-o", out, "--dataset", "yacht", "--epochs", "1",
+                       "--data-dir", mine] + TINY, capsys)
+    assert rc == 0, err
+    rc, _, err = _run(["train", "-o", out, "--resume", "--epochs", "2", "--no-progress"], capsys)
+    assert rc == 0, err
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["data_dir"] == str(mine)
