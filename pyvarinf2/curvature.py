@@ -85,6 +85,8 @@ Reparameterisation Hessian estimate
 from a gradient at a Gaussian sample: ``ĥ = ĝ ⊙ ε / σ`` (Stein's lemma; unbiased for
 ``E_q[diag ∇²ℓ]``, no per-example gradients).
 """
+import functools
+import inspect
 import warnings
 
 import torch
@@ -358,6 +360,13 @@ class PerExampleSquaredGradients:
                 return None
             call = _Call()
             call.outs = None
+            if not args and kwargs:
+                # called by keyword (``layer(input=x)``): the first argument of the forward
+                # is the input the closed forms and the batch size read
+                first = _first_forward_arg(type(mod))
+                if first in kwargs:
+                    args = (kwargs[first],)
+                    kwargs = {k: v for k, v in kwargs.items() if k != first}
             call.args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
             call.kwargs = {k: (v.detach() if torch.is_tensor(v) else v)
                            for k, v in kwargs.items()}
@@ -613,7 +622,7 @@ class PerExampleSquaredGradients:
                 g = torch.zeros(shape, dtype=dtype, device=device)
             tensor_idx.append(i)
             cots.append(g)
-            cot_dims.append(_guess_batch_dim(shape, bdim, B))
+            cot_dims.append(_output_batch_dim(mod, i, shape, bdim, B))
 
         def one(p, xs, cs):
             xs = [x.unsqueeze(d) if d is not None else x for x, d in zip(xs, in_dims_args)]
@@ -662,6 +671,30 @@ def per_example_squared_gradients(model, loss_fn, *inputs, param_names=None,
 
 
 # ---------------------------------------------------------------------- closed forms
+@functools.lru_cache(maxsize=None)
+def _first_forward_arg(cls):
+    """Name of the first argument (after self) of ``cls.forward``, or None."""
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    return params[0].name if params and params[0].kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY) else None
+
+
+def _output_batch_dim(mod, index, shape, bdim, B):
+    """Batch dim of the ``index``-th (flattened) output of ``mod``: known for RNNs (h_n, c_n:
+    dim 1) and MultiheadAttention (the weights: dim 0), where guessing by size goes wrong when
+    another dimension equals the batch size (num_layers or the sequence length); guessed
+    otherwise."""
+    if index >= 1 and isinstance(mod, nn.RNNBase) and len(shape) == 3 and shape[1] == B:
+        return 1
+    if index == 1 and isinstance(mod, nn.MultiheadAttention) and len(shape) >= 1 \
+            and shape[0] == B:
+        return 0
+    return _guess_batch_dim(shape, bdim, B)
+
+
 def _guess_batch_dim(shape, bdim, B):
     """Batch dim of an output: the module's, else the first of size B (an RNN's h_n)."""
     if len(shape) > bdim and shape[bdim] == B:

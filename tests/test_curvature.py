@@ -607,3 +607,38 @@ def test_a_torch_func_module_normalising_with_batch_statistics_is_refused_clearl
     block.eval()                               # running statistics: fine, and exact
     model.zero_grad()                          # (the refused backward left partial grads)
     check_model(model, torch.randn(4, 2, 6, 6), torch.randint(0, 3, (4,)))
+
+
+@pytest.mark.parametrize("kind", ["gru layers == batch", "attention T == batch",
+                                  "keyword input"])
+def test_batch_dimensions_that_size_alone_cannot_tell(kind):
+    # an RNN's h_n is (layers, B, H) and MultiheadAttention's weights (B, T, S): guessing the
+    # batch dimension by size picked the wrong one when layers or T equal B; a layer called
+    # as layer(input=x) has its input in the keyword arguments
+    torch.manual_seed(0)
+    B = 4
+    if kind == "gru layers == batch":
+        model = nn.Module()
+        model.rnn, model.fc = nn.GRU(3, 4, num_layers=B, batch_first=True), nn.Linear(4, 3)
+
+        def forward(x, m=model):
+            out, h = m.rnn(x)
+            return m.fc(h[-1] + out[:, 0])
+        x = torch.randn(B, 5, 3)
+    elif kind == "attention T == batch":
+        model = nn.Module()
+        model.att, model.fc = nn.MultiheadAttention(4, 2), nn.Linear(4, 3)   # (T, B, E)
+
+        def forward(x, m=model):
+            out, w = m.att(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1))
+            return m.fc(out.mean(0)) + w.sum((1, 2))[:, None]
+        x = torch.randn(B, B, 4)
+    else:
+        model = nn.Module()
+        model.a, model.b = nn.Linear(5, 6), nn.Linear(6, 3)
+
+        def forward(x, m=model):
+            return m.b(input=torch.tanh(m.a(input=x)))
+        x = torch.randn(B, 5)
+    model.forward = forward
+    check_model(model, x, torch.randint(0, 3, (B,)))
