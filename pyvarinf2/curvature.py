@@ -167,7 +167,7 @@ class _Call:
     them (sampled weights), and the output gradients as they arrive."""
 
     __slots__ = ("args", "kwargs", "tensors", "grads", "pending", "out_meta", "batch_size",
-                 "outs")
+                 "outs", "loss_batch")
 
 
 class _Group:
@@ -326,6 +326,7 @@ class PerExampleSquaredGradients:
         """Forget everything collected (call between optimisation steps)."""
         self._sums = {}
         self._grad_sums = {}        # Σ_i g_i per parameter, while ``verify`` is on
+        self._root_batch = {}       # round id -> the model's batch size
         self._round_batch = {}      # round id -> batch size
         self._groups = {}           # id(module) -> _Group of the current forward
         self._open = []             # groups not processed yet
@@ -341,6 +342,10 @@ class PerExampleSquaredGradients:
         if not self._computing:
             self._round_id += 1
             self._groups = {}
+            try:             # the model's batch: a layer run on pieces of it is told apart
+                self._root_batch[self._round_id] = _infer_batch(args, 0)
+            except RuntimeError:
+                pass
 
     def _make_forward_hook(self, module, local):
         bdim = _batch_dim(module)
@@ -360,6 +365,7 @@ class PerExampleSquaredGradients:
                 return None
             call = _Call()
             call.outs = None
+            call.loss_batch = None
             if not args and kwargs:
                 # called by keyword (``layer(input=x)``): the first argument of the forward
                 # is the input the closed forms and the batch size read
@@ -455,7 +461,13 @@ class PerExampleSquaredGradients:
         mod, local = group.module, group.local
         live = [c for c in group.calls if any(g is not None for g in c.grads)]
         sizes = sorted({c.batch_size for c in live})
-        if len(sizes) > 1:
+        root = self._root_batch.get(group.round)
+        # calls on pieces of the model's batch (x[:32], x[32:]): their examples are different
+        # examples of the one loss, not more uses by the same examples
+        pieces = (len(live) > 1 and root is not None
+                  and sum(c.batch_size for c in live) == root
+                  and all(c.batch_size < root for c in live))
+        if len(sizes) > 1 and not pieces:
             for c in group.calls:
                 c.grads = None
                 c.args = c.kwargs = c.tensors = None
@@ -470,7 +482,16 @@ class PerExampleSquaredGradients:
             try:
                 with torch.no_grad():
                     plain = None
-                    if len(live) == 1:
+                    if pieces:
+                        sq, plain = {}, ({} if self.verify else None)
+                        for c in live:
+                            c.loss_batch = root          # the loss is a mean over all of them
+                            s_c, p_c = self._squared_sums(mod, local, c, self.verify)
+                            for k, v in s_c.items():
+                                sq[k] = sq[k] + v if k in sq else v
+                            for k, v in (p_c or {}).items():
+                                plain[k] = plain[k] + v if k in plain else v
+                    elif len(live) == 1:
                         sq, plain = self._squared_sums(mod, local, live[0], self.verify)
                     else:
                         per = None
@@ -495,7 +516,7 @@ class PerExampleSquaredGradients:
                     self._sums[name] = self._sums[name] + value   # results already handed out stay
                 else:
                     self._sums[name] = value
-            self._round_batch[group.round] = live[0].batch_size
+            self._round_batch[group.round] = root if pieces else live[0].batch_size
         for c in group.calls:
             c.grads = None
             c.args = c.kwargs = c.tensors = None
@@ -503,7 +524,8 @@ class PerExampleSquaredGradients:
     def _scale(self, call):
         # per-example gradients are linear in the output gradient and the results quadratic:
         # scaling by B undoes a mean, by 1/sqrt(B) on top of that averages over the batch
-        B = call.batch_size
+        # (B: the batch the loss averages, the model's when the call saw a piece of it)
+        B = getattr(call, "loss_batch", None) or call.batch_size
         scale = B if self.loss_reduction == "mean" else 1
         if self.average:
             scale = scale / B ** 0.5
@@ -549,7 +571,7 @@ class PerExampleSquaredGradients:
         return ({k: (v * v).sum(0) for k, v in per.items()},
                 {k: v.sum(0) / scale for k, v in per.items()} if plain_sums else None)
 
-    def gradient_mismatch(self, grads, rtol=1e-3):
+    def gradient_mismatch(self, grads, rtol=None):
         """The parameters whose recorded per-example gradients do not add up to ``grads``
         (``{name: gradient}``, e.g. each parameter's ``.grad`` after the backward), with
         the relative difference: ``[(name, rel)]``. Needs :attr:`verify` on during that
@@ -560,16 +582,24 @@ class PerExampleSquaredGradients:
         of the module that owns it, when a module's computation is random per call (dropout
         inside a module without a closed form, recomputed by torch.func with another mask),
         or when the loss has terms that use the parameter directly: in each case the squared
-        per-example gradients are wrong too."""
+        per-example gradients are wrong too.
+
+        ``rtol`` (default: 1e-3 in float32/64, 5e-2 in 16-bit floats) is relative to the
+        parameter's gradient norm, floored at 1e-4 of the whole gradient's norm: a gradient
+        that is rounding noise (a bias just before a BatchNorm) is not compared."""
         self._flush()
+        norms = {n: float(g.float().norm()) for n, g in grads.items() if g is not None}
+        total = sum(v * v for v in norms.values()) ** 0.5
         out = []
         for name, g in grads.items():
             if g is None:
                 continue
+            tol = rtol if rtol is not None else (
+                5e-2 if g.dtype in (torch.float16, torch.bfloat16) else 1e-3)
             got = self._grad_sums.get(name)
-            ref = float(g.norm())
-            diff = float((g - got).norm()) if torch.is_tensor(got) else ref
-            if diff > rtol * ref + 1e-12:
+            ref = norms[name]
+            diff = float((g - got).float().norm()) if torch.is_tensor(got) else ref
+            if diff > tol * max(ref, 1e-4 * total) + 1e-12:
                 out.append((name, diff / ref if ref > 0 else float("inf")))
         return out
 

@@ -324,17 +324,21 @@ class KFACCapture:
             layer = self.layers[i]
             a_parts = [layer_inputs(layer.module, r["x"], layer.has_bias) for r in lst]
             g_parts = [layer_output_grads(layer.module, r["g"]) for r in lst]
-            if len({p.shape[0] for p in a_parts}) == 1:
+            sizes = [p.shape[0] for p in a_parts]
+            root = self.batch_size
+            pieces = (len(sizes) > 1 and root is not None and sum(sizes) == root
+                      and all(n < root for n in sizes))
+            if len(set(sizes)) == 1 and not pieces:
                 # every call sees the whole batch (a layer applied several times): the uses
                 # are more locations of the same examples; both losses are means over those
                 # B examples, so B times the gradient is the per-example gradient
                 a = torch.cat(a_parts, dim=1)
                 g = torch.cat(g_parts, dim=1) * a.shape[0]
             else:
-                # calls on different numbers of examples (e.g. the batch split in pieces):
-                # each call's examples are examples of the layer, the loss a mean over all of
-                # them; calls with fewer locations are padded with zero rows (which add
-                # nothing to the sums)
+                # calls on pieces of the model's batch (equal or not), or on different numbers
+                # of examples: each call's examples are examples of the layer, the loss a mean
+                # over all of them; calls with fewer locations are padded with zero rows
+                # (which add nothing to the sums)
                 t = max(p.shape[1] for p in a_parts)
                 pad = lambda p: p if p.shape[1] == t else torch.nn.functional.pad(  # noqa: E731
                     p, (0, 0, 0, t - p.shape[1]))

@@ -335,11 +335,13 @@ class DistributionPrior(Prior):
         with a batch shape that broadcasts to ``shape`` without enlarging it: a larger batch
         shape would silently sum several log densities per weight."""
         dist = self.distribution
-        if tuple(dist.event_shape) != ():
-            raise ValueError(f"prior for {name}: {type(dist).__name__} has event shape "
-                             f"{tuple(dist.event_shape)}; priors are element-wise (event shape "
-                             "()): give a univariate distribution, one per weight or shared")
-        batch = tuple(dist.batch_shape)
+        event = tuple(dist.event_shape)
+        if event and tuple(shape)[len(shape) - len(event):] != event:
+            raise ValueError(f"prior for {name}: {type(dist).__name__} has event shape {event}, "
+                             f"which is not the trailing shape of the parameter {tuple(shape)}; "
+                             "give a univariate distribution (one per weight or shared) or an "
+                             "Independent one over the parameter's own trailing dimensions")
+        batch = tuple(dist.batch_shape) + event
         try:
             fits = tuple(torch.broadcast_shapes(batch, tuple(shape))) == tuple(shape)
         except RuntimeError:

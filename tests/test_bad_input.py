@@ -247,9 +247,13 @@ def test_a_distribution_prior_must_fit_the_parameters_it_is_given_to(vm):
     with pytest.raises(ValueError, match=r"prior for 0.bias: batch shape \(3, 1\).*\(4,\)"):
         vm.set_prior(D.StudentT(3.0, torch.zeros(3, 1), torch.ones(3, 1)), parameters="0.bias")
     with pytest.raises(ValueError, match="event shape"):
-        vm.set_prior(D.MultivariateNormal(torch.zeros(4), torch.eye(4)), parameters="0.bias")
+        vm.set_prior(D.MultivariateNormal(torch.zeros(3), torch.eye(3)), parameters="0.bias")
     with pytest.raises(ValueError, match=r"batch shape \(5,\)"):
         pv.variationalize(make_model(), prior=D.Laplace(torch.zeros(5), torch.ones(5)))
     assert_same(vm, before)
     vm.set_prior(D.StudentT(3.0, torch.zeros(4), torch.ones(4)), parameters="0.bias")  # fits
     vm.set_prior(D.Laplace(0.0, 1.0))                                                  # scalar
+    # an Independent prior over the parameter's own shape is the same element-wise density
+    ind = D.Independent(D.Normal(torch.zeros(4, 3), torch.ones(4, 3)), 2)
+    vm.set_prior(ind, parameters="0.weight")
+    assert torch.isfinite(vm.prior_loss())

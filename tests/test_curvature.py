@@ -642,3 +642,16 @@ def test_batch_dimensions_that_size_alone_cannot_tell(kind):
         x = torch.randn(B, 5)
     model.forward = forward
     check_model(model, x, torch.randint(0, 3, (B,)))
+
+
+@pytest.mark.parametrize("pieces", [[3, 3], [2, 4], [2, 2, 2]])
+def test_a_layer_run_on_pieces_of_the_batch_matches_one_call(pieces):
+    # per-example gradients of a layer run on x[:3] and x[3:] are those of six examples (not
+    # of three examples seen twice, which equal pieces used to be taken for)
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.a, model.b = nn.Linear(5, 6), nn.Linear(6, 3)
+    cuts = [sum(pieces[:k + 1]) for k in range(len(pieces) - 1)]   # (the loop reference
+    model.forward = lambda x, m=model: m.b(torch.cat([torch.tanh(m.a(p))  # runs single rows)
+                                                      for p in torch.tensor_split(x, cuts)]))
+    check_model(model, torch.randn(6, 5), torch.randint(0, 3, (6,)))

@@ -204,7 +204,7 @@ def test_a_batch_split_across_calls_gives_the_whole_batch_factors(eigen):
     x = torch.randn(5, 2, 6, 6, dtype=DT)
     y = torch.tensor([0, 2, 1, 1, 0])
     results = []
-    for pieces in (None, [2, 3], [3, 1, 1]):
+    for pieces in (None, [2, 3], [3, 1, 1]):   # (equal pieces: see the next test)
         model.pieces = pieces
         vm = pyvarinf2.variationalize(model)
         _, got = _capture(vm, x, lambda out: F.cross_entropy(out, y))
@@ -582,3 +582,21 @@ def test_replace_posterior_refuses_a_key_that_hides_other_posteriors():
                                                 "fc.extra.bias"}
     # the optimizer's layer finder skips that layer rather than hide its child
     assert [la.path for la in find_kfac_layers(vm)] == ["fc.extra"]
+
+
+def test_equal_pieces_of_the_batch_are_examples_not_repeated_uses():
+    # x[:3] and x[3:] of a batch of 6 are six examples, not three examples seen twice: the
+    # factors must equal those of one call on the whole batch
+    torch.manual_seed(0)
+    model = _SplitConvNet().to(DT)
+    x = torch.randn(6, 2, 6, 6, dtype=DT)
+    y = torch.tensor([0, 2, 1, 1, 0, 2])
+    got = {}
+    for pieces in (None, [3, 3], [2, 2, 2]):
+        model.pieces = pieces
+        _, got[str(pieces)] = _capture(pyvarinf2.variationalize(model), x,
+                                       lambda out: F.cross_entropy(out, y))
+    for key in ("[3, 3]", "[2, 2, 2]"):
+        for i in (0, 1):
+            for f0, f1 in zip(kfac_factors(*got["None"][i]), kfac_factors(*got[key][i])):
+                torch.testing.assert_close(f1, f0)

@@ -827,10 +827,10 @@ def test_switching_back_to_bayes_by_backprop_warns_about_frozen_scales(cls):
 
 
 @pytest.mark.parametrize("cls", [NoisyAdam, VOGN])
-def test_per_example_gradients_that_do_not_add_up_are_refused_on_the_first_step(cls):
+def test_per_example_gradients_that_do_not_add_up_are_reported_on_the_first_step(cls):
     # an embedding whose weight is also the output layer through F.linear in the parent:
     # the hooks see only the embedding's use, so the squared per-example gradients would be
-    # silently wrong; the first step checks their plain sum against .grad and refuses
+    # silently wrong; the first step checks their plain sum against .grad and says so (once)
     def reused():
         m = nn.Module()
         m.emb, m.mix = nn.Embedding(6, 4), nn.Linear(4, 4)
@@ -841,18 +841,46 @@ def test_per_example_gradients_that_do_not_add_up_are_refused_on_the_first_step(
     vm = pyvarinf2.variationalize(reused())
     opt = cls(vm, dataset_size=100)
     x, y = torch.randint(0, 6, (8, 3)), torch.randint(0, 6, (8,))
-    before = copy.deepcopy(vm.state_dict())
-    opt.zero_grad()
-    F.cross_entropy(vm(x), y).backward()
-    with pytest.raises(RuntimeError, match=r"emb.weight \(relative difference .*do not add up"):
-        opt.step()
-    for k, v in vm.state_dict().items():
-        assert torch.equal(v, before[k]) if torch.is_tensor(v) else v == before[k], k
-    # keeping that weight deterministic, training runs (the check passes and is done once)
+    with pytest.warns(UserWarning, match=r"emb.weight \(relative difference .*do not add up"):
+        train_steps(vm, opt, 1, x, y)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # checked once, not at every step
+        train_steps(vm, opt, 2, x, y)
+    # keeping that weight deterministic, the sums add up: no warning
     vm = pyvarinf2.variationalize(reused(), deterministic="emb.weight")
     opt = cls(vm, dataset_size=100)
-    train_steps(vm, opt, 3, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_steps(vm, opt, 3, x, y)
     assert not opt._collector.verify
+
+
+@pytest.mark.parametrize("case", ["bias before BatchNorm", "bfloat16", "gradient clipping"])
+def test_the_first_step_check_stays_quiet_where_nothing_is_wrong(case):
+    # a bias just before a BatchNorm has a zero gradient up to rounding; bfloat16 sums round
+    # at ~1e-2; clipping edits .grad between backward and step (expected: a warning, the
+    # step still runs)
+    import warnings
+    torch.manual_seed(0)
+    if case == "bias before BatchNorm":
+        model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    else:
+        model = nn.Sequential(nn.Linear(5, 64), nn.LayerNorm(64), nn.Tanh(), nn.Linear(64, 3))
+    dtype = torch.bfloat16 if case == "bfloat16" else torch.float32
+    vm = pyvarinf2.variationalize(model.to(dtype))
+    opt = NoisyAdam(vm, dataset_size=200)
+    x, y = toy_batch(dtype=dtype)
+    opt.zero_grad()
+    F.cross_entropy(vm(x).float(), y).backward()
+    if case == "gradient clipping":
+        torch.nn.utils.clip_grad_norm_(vm.mean_parameters(), 1e-3)
+        with pytest.warns(UserWarning, match="gradient clipping"):
+            opt.step()
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
 
 
 def _two_groups(vm, opt):

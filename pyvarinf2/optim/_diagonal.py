@@ -22,6 +22,7 @@ Everything element-wise runs out of place on whole lists of tensors (``torch._fo
 is written back only after a finiteness check, so that a refused step changes nothing.
 """
 import math
+import warnings
 import weakref
 
 import torch
@@ -273,24 +274,27 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
         return out
 
     def _check_per_example_sums(self, params):
-        """First step (empirical Fisher): the per-example gradients the hooks recorded must add
-        up to each parameter's gradient, else their squares are not the curvature either.
-        Raises before anything changes, naming the parameters."""
+        """First step (empirical Fisher): the per-example gradients the hooks recorded should
+        add up to each parameter's gradient; where they do not, their squares are not the
+        curvature of that loss either. Warns once, naming the parameters (an edit of ``.grad``
+        between backward and step, such as gradient clipping, also shows here and is then
+        expected)."""
         self._collector.verify = False
         bad = self._collector.gradient_mismatch({self.name_of(p): p.grad for p in params
                                                  if bool(p.grad.any())})
         if bad:
             names = ", ".join(f"{n} (relative difference {r:.2g})" for n, r in bad[:5])
-            raise RuntimeError(
+            warnings.warn(
                 f"{type(self).__name__}: the per-example gradients recorded for {names} do not "
-                "add up to the gradient of the loss, so their squares are not the curvature "
-                "either; nothing was changed. Usual causes: the parameter is also used "
-                "outside the forward of the module that owns it (e.g. F.linear(h, "
-                "self.emb.weight) in a parent module); a module without a closed form draws "
-                "random numbers (dropout) in its forward; or the loss has terms that use the "
-                "parameter directly (the prior belongs to the optimizer, not the loss). Keep "
-                "such parameters deterministic (variationalize(..., deterministic=...)), or "
-                "use IVON, which needs no per-example gradients.")
+                "add up to their .grad, so their squares are not the curvature of that loss. "
+                "Expected if .grad was edited between backward and step (gradient clipping: "
+                "the curvature is then that of the unclipped loss). Otherwise: the parameter "
+                "is used outside the forward of the module that owns it (e.g. F.linear(h, "
+                "self.emb.weight) in a parent module), a module without a closed form draws "
+                "random numbers (dropout) in its forward, or the loss has terms on the "
+                "parameters themselves (the prior belongs to the optimizer, not the loss). "
+                "Keep such parameters deterministic (variationalize(..., deterministic=...)) "
+                "or use IVON, which needs no per-example gradients.", UserWarning, stacklevel=4)
 
     def _noise_curvature(self, params, group, priors, grads, noise):
         """Curvature estimate from the noise of the sample (IVON)."""
