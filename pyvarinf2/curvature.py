@@ -343,9 +343,10 @@ class PerExampleSquaredGradients:
             self._round_id += 1
             self._groups = {}
             try:             # the model's batch: a layer run on pieces of it is told apart
-                self._root_batch[self._round_id] = _infer_batch(args, 0)
+                root = _infer_batch(args, 0)
             except RuntimeError:
-                pass
+                root = None  # no tensor input: pieces cannot be told from repeated uses
+            self._root_batch[self._round_id] = root
 
     def _make_forward_hook(self, module, local):
         bdim = _batch_dim(module)

@@ -561,15 +561,10 @@ def test_the_plain_sums_expose_a_parameter_used_outside_its_module_or_random_fal
     # mask, gives per-example gradients that do not add up to the gradient
     torch.manual_seed(0)
 
-    class Reused(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(6, 4)
-            self.mix = nn.Linear(4, 4)
-
-        def forward(self, idx):
-            h = torch.tanh(self.mix(self.emb(idx).mean(1)))
-            return F.linear(h, self.emb.weight)          # logits over the 6 rows
+    reused = nn.Module()                                # logits over the embedding's rows
+    reused.emb, reused.mix = nn.Embedding(6, 4), nn.Linear(4, 4)
+    reused.forward = lambda idx, m=reused: F.linear(torch.tanh(m.mix(m.emb(idx).mean(1))),
+                                                    m.emb.weight)
 
     class Noisy(nn.Module):
         def __init__(self):
@@ -579,7 +574,7 @@ def test_the_plain_sums_expose_a_parameter_used_outside_its_module_or_random_fal
         def forward(self, x):
             return F.dropout(x * self.scale, 0.5, self.training)
 
-    cases = [(Reused().double(), torch.randint(0, 6, (5, 3)), torch.randint(0, 6, (5,)),
+    cases = [(reused.double(), torch.randint(0, 6, (5, 3)), torch.randint(0, 6, (5,)),
               "emb.weight"),
              (nn.Sequential(Noisy(), nn.Linear(4, 3)).double(), torch.randn(5, 4).double(),
               torch.randint(0, 3, (5,)), "0.scale")]
