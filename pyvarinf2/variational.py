@@ -72,6 +72,12 @@ def _flat_noise(likes):
     return out
 
 
+def _stamp(t):
+    """What tells an in-place change of ``t`` (outside ``.data``): its version counter,
+    storage and dtype."""
+    return t._version, t.data_ptr(), t.dtype
+
+
 def _check_prior_fits(prior, named_shapes):
     """A distribution prior must fit every parameter it is given to (ValueError)."""
     check = getattr(prior, "check_fits", None)
@@ -453,7 +459,8 @@ class VariationalModel(nn.Module):
                 out[n] = t
             # the KL of the same step reuses σ while the log stds are unchanged
             self.__dict__["_sigma_cache"] = (
-                mf_log_stds, [(t._version, t.data_ptr(), t.dtype) for t in mf_log_stds], sigmas)
+                mf_log_stds, [_stamp(t) for t in mf_log_stds], sigmas,
+                {id(t): i for i, t in enumerate(mf_log_stds)})
         if record is not None:
             self.last_noise = record
         return out
@@ -462,29 +469,19 @@ class VariationalModel(nn.Module):
         """σ = exp(log_std) of the last sample for this very tensor, if it is unchanged since
         (version counter, storage, dtype), else ``None``."""
         cache = self.__dict__.get("_sigma_cache")
-        if cache is None:
-            return None
-        index = cache[3] if len(cache) > 3 else None
-        if index is None:
-            index = {id(t): i for i, t in enumerate(cache[0])}
-            self.__dict__["_sigma_cache"] = cache = (*cache[:3], index)
-        i = index.get(id(log_std))
-        if i is None or cache[0][i] is not log_std \
-                or (log_std._version, log_std.data_ptr(), log_std.dtype) != cache[1][i]:
+        i = cache[3].get(id(log_std)) if cache is not None else None
+        if i is None or cache[0][i] is not log_std or _stamp(log_std) != cache[1][i]:
             return None
         return cache[2][i]
 
     def _cached_sigmas(self, log_stds):
         """σ = exp(log_std) of the last sample if it covered exactly these, unchanged, tensors."""
         cache = self.__dict__.get("_sigma_cache")
-        if cache is None:
+        if cache is None or len(cache[0]) != len(log_stds):
             return None
-        tensors, versions, sigmas = cache[:3]
-        if len(tensors) != len(log_stds) or len(sigmas) != len(log_stds):
+        sigmas = [self._cached_sigma(t) for t in log_stds]
+        if any(a is not b for a, b in zip(cache[0], log_stds)) or any(v is None for v in sigmas):
             return None
-        for a, b, v in zip(tensors, log_stds, versions):
-            if a is not b or (b._version, b.data_ptr(), b.dtype) != v:
-                return None
         return sigmas
 
     def is_sampling(self):
