@@ -11,7 +11,9 @@ machine noise falls evenly on all of them. Every step is the user's loop:
 ``zero_grad(); loss(var_model(x), y).backward(); step()`` (cross-entropy on the MLP's logits,
 NLL on the CNN's log-probabilities). The ``_bf16`` contenders
 are the same optimizers with ``matmul_dtype=torch.bfloat16`` (dense products of the mean step
-and of the Kronecker samples in bfloat16).
+and of the Kronecker samples in bfloat16); ``noisy_kfac_weight_noise`` is NoisyKFAC with
+``var_model.activation_noise = False`` (every layer's noise formed as a weight matrix, as before
+the route through the activations).
 
 Writes benchmarks/results/kronecker_step.json with the machine.
 """
@@ -61,6 +63,12 @@ def make_blocks(name, device):
             vm = pyvarinf2.variationalize(net())
             out[key + suffix] = block_of(vm, cls(vm, lr=1e-2, dataset_size=n, T_cov=10,
                                                  T_inv=100, **extra))
+    # the noise through the weights everywhere (var_model.activation_noise = False): what the
+    # route through the activations saves
+    vm = pyvarinf2.variationalize(net())
+    opt = pyvarinf2.optim.NoisyKFAC(vm, lr=1e-2, dataset_size=n, T_cov=10, T_inv=100)
+    vm.activation_noise = False
+    out["noisy_kfac_weight_noise"] = block_of(vm, opt)
     return out
 
 
@@ -79,7 +87,7 @@ def main(argv=None):
         per_step = {k: v / BLOCK * 1e3 for k, v in med.items()}
         ratios = {f"{k}/noisy_adam": per_step[k] / per_step["noisy_adam"]
                   for k in ("noisy_kfac", "noisy_ekfac", "noisy_kfac_bf16",
-                            "noisy_ekfac_bf16", "adam")}
+                            "noisy_ekfac_bf16", "noisy_kfac_weight_noise", "adam")}
         # and against plain PyTorch training of the same network, the project's yardstick
         ratios.update({f"{k}/adam": per_step[k] / per_step["adam"]
                        for k in ("noisy_adam", "noisy_kfac", "noisy_ekfac", "noisy_kfac_bf16",

@@ -23,6 +23,12 @@ holds all the families the optimizers use:
 The factors are buffers, so the variational model samples, predicts and saves them without any
 optimizer; the means stay the wrapped model's own parameters.
 
+A Linear layer need not form ``Z = Q_S (std ⊙ E) Q_Aᵀ`` at all: its output under ``M + Z`` is
+its output under ``M`` plus :meth:`KroneckerPosterior.linear_output_noise`,
+``((x_h Q_A)(std ⊙ E)ᵀ) Q_Sᵀ``, cheaper when the batch has fewer rows than the layer has units;
+``VariationalModel.forward`` takes that route where it costs fewer flops
+(``VariationalModel.activation_noise_layers``).
+
 How a model gets (and gets back) Kronecker posteriors: :func:`use_kronecker_posteriors` converts
 every eligible layer (the optimizers call it; it is idempotent). A model saved with Kronecker
 posteriors records them in its extra state (``_extra_state['posteriors']``), and
@@ -155,6 +161,33 @@ class KroneckerPosterior(Posterior):
         """``Q_S (std ⊙ E) Q_Aᵀ`` for a standard-normal ``E`` (``out x n_in``)."""
         return matmul_chain(self.basis_out, self.std * noise, self.basis_in.T,
                             dtype=self.matmul_dtype)
+
+    def linear_output_noise(self, x, noise):
+        """``x_h Zᵀ`` for the perturbation ``Z = Q_S (std ⊙ E) Q_Aᵀ`` of one draw ``E`` of a
+        Linear layer (``x``: ``(*, fan_in)``, ``x_h = [x, 1]`` with a bias), computed as
+        ``((x_h Q_A)(std ⊙ E)ᵀ) Q_Sᵀ`` without forming ``Z``: the output of the layer with
+        weights ``M + Z`` is that of the layer with ``M`` plus this, exactly (same ``E``, same
+        draw). Differentiable in ``x``; products in :attr:`matmul_dtype` when set."""
+        dt = self.matmul_dtype or self.basis_in.dtype
+        q_a, q_s = self.basis_in.to(dt), self.basis_out.to(dt)
+        scaled = (self.std * noise).to(dt)
+        rows = x.reshape(-1, self.fan_in).to(dt)
+        if self.has_bias:   # the homogeneous coordinate 1 picks Q_A's last row
+            u = torch.addmm(q_a[self.fan_in], rows, q_a[:self.fan_in])
+        else:
+            u = rows @ q_a
+        out = (u @ scaled.T) @ q_s.T
+        return out.reshape(*x.shape[:-1], self.n_out).to(x.dtype)
+
+    def noise_costs(self, rows, input_grad=True):
+        """Flop counts of perturbing a Linear layer's output for ``rows`` input rows:
+        ``(activations, sample, linear)``: :meth:`linear_output_noise` (doubled by the backward
+        to the input when ``input_grad``), forming ``Z`` (:meth:`perturbation`), and one more
+        product of the layer's size (``x z_wᵀ`` with its backward to the input)."""
+        f, n, o = self.fan_in, self.n_in, self.n_out
+        grad = 2 if input_grad else 1
+        return (2 * rows * (f * n + n * o + o * o) * grad, 2 * o * n * (o + n),
+                2 * rows * f * o * grad)
 
     def sample(self, means, noise=None):
         if noise is None:

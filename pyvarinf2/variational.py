@@ -125,6 +125,34 @@ class _LocalReparameterization:
         return output + std * torch.randn_like(output)
 
 
+class _ActivationNoise:
+    """Forward hook of one Linear layer with a Kronecker posterior for
+    :meth:`VariationalModel.forward`: adds ``x_h Zᵀ`` for this forward's draw ``Z`` to the output
+    the layer computed with its posterior means (the output of the sampled weights ``M + Z``,
+    exactly). Per call it takes the cheaper of the two ways for the input it got: through the
+    activations (``((x_h Q_A)(std ⊙ E)ᵀ) Q_Sᵀ``, never forming ``Z``) or through ``Z`` itself
+    (formed once per forward and shared by every call)."""
+
+    def __init__(self, path, posterior, noise):
+        self.path, self.posterior, self.noise = path, posterior, noise
+        self.calls = 0
+        self._parts = None
+
+    def __call__(self, module, inputs, output):
+        self.calls += 1
+        x = inputs[0]
+        post = self.posterior
+        rows = x.numel() // max(x.shape[-1], 1)
+        act, sample, linear = post.noise_costs(rows, x.requires_grad)
+        if act <= (sample if self._parts is None else 0) + linear:
+            return output + post.linear_output_noise(x, self.noise[0])
+        if self._parts is None:
+            self._parts = post.split(post.perturbation(self.noise[0]))
+        z = self._parts
+        return output + F.linear(x, z[0].to(x.dtype),
+                                 z[1].to(x.dtype) if len(z) > 1 else None)
+
+
 def _resolve_owner(model, name):
     module_path, _, attr = name.rpartition(".")
     module = model.get_submodule(module_path) if module_path else model
@@ -218,6 +246,7 @@ class VariationalModel(nn.Module):
         self.record_noise = False
         self.last_noise = None
         self.local_reparameterization = local_reparameterization
+        self.activation_noise = True
         for name, p, owner, attr in selected:
             post = MeanFieldPosterior(name, p, init_std)
             post._mean_source = (owner, attr)
@@ -236,7 +265,7 @@ class VariationalModel(nn.Module):
     def __setattr__(self, name, value):
         if name == "posteriors":
             self.__dict__["_posterior_cache"] = None
-        elif name == "local_reparameterization":
+        elif name in ("local_reparameterization", "activation_noise"):
             _check_flag(value, name)
         super().__setattr__(name, value)
 
@@ -414,7 +443,12 @@ class VariationalModel(nn.Module):
 
         Mean-field posteriors are sampled together by one fused kernel
         (:mod:`pyvarinf2._fused`); other families sample themselves."""
-        out = {}
+        return self._sample(skip)[0]
+
+    def _sample(self, skip=(), defer=()):
+        """:meth:`sample_parameters`; the posteriors whose key is in ``defer`` draw (and record)
+        their noise in the same order but return their means: ``(params, {key: noise})``."""
+        out, deferred = {}, {}
         record = {} if self.record_noise else None
         mf_keys, mf_posts, mf_names, mf_means, mf_log_stds = [], [], [], [], []
         fused = not _functorch_active()
@@ -432,6 +466,10 @@ class VariationalModel(nn.Module):
             noise = post.draw_noise(means)
             if record is not None:
                 record[key] = noise
+            if key in defer:
+                deferred[key] = noise
+                out.update(zip(post.names, means))
+                continue
             for n, t in zip(post.names, post.sample(means, noise)):
                 out[n] = t
         if mf_means:
@@ -463,7 +501,7 @@ class VariationalModel(nn.Module):
                 {id(t): i for i, t in enumerate(mf_log_stds)})
         if record is not None:
             self.last_noise = record
-        return out
+        return out, deferred
 
     def _cached_sigma(self, log_std):
         """σ = exp(log_std) of the last sample for this very tensor, if it is unchanged since
@@ -508,9 +546,119 @@ class VariationalModel(nn.Module):
             # a training-time estimator: sampling in evaluation mode (the predictive helpers,
             # ``sampling(True)``) draws whole weight samples
             return self._local_reparameterization_forward(args, kwargs)
+        plan = self._activation_noise_plan(args)
+        if plan:
+            return self._activation_noise_forward(plan, args, kwargs)
         params = self.sample_parameters()
         return functional_call(self.model, params, args, kwargs, strict=False,
                                tie_weights=self._tied)
+
+    # ----------------------------------------------------------------- noise through activations
+    def activation_noise_layers(self):
+        """The Linear layers whose Kronecker posterior (see :mod:`pyvarinf2.kronecker`) can
+        perturb the layer's output instead of its weights: ``[(path, module, posterior key,
+        posterior)]``. A layer qualifies when it is a plain ``nn.Linear`` (its own ``forward``)
+        whose weight (and bias, if in the posterior) is used by no other module, outside
+        ``nn.MultiheadAttention`` (which reads its ``out_proj`` weight without calling it).
+
+        With ``var_model.activation_noise`` (default ``True``), a sampling forward runs such a
+        layer with its means and adds ``x_h Zᵀ`` computed from the activations,
+        ``((x_h Q_A)(std ⊙ E)ᵀ) Q_Sᵀ``: the same draw ``E`` and the same output as the sampled
+        weights ``M + Z``, without the two ``n x n`` products that form ``Z``. It is used where
+        it costs fewer flops (:meth:`KroneckerPosterior.noise_costs`): when the batch has fewer
+        rows than the layer has units, e.g. a 784-400 layer at batch 128 (0.28 against 0.75
+        GFlop per draw). The choice depends on the input shapes only, so runs repeat exactly."""
+        cached = self._cached_plan("_act_plan")
+        if cached is not None:
+            return cached
+        counts, foreign = self._use_counts()
+        plan = []
+        for key, post in self.named_posteriors():
+            if getattr(post, "family", None) != "kronecker" or len(post.weight_shape) != 2:
+                continue
+            path, _, attr = post.names[0].rpartition(".")
+            if attr != "weight" or any((path + ".").startswith(f) for f in foreign):
+                continue
+            try:
+                module = self.model.get_submodule(path)
+            except AttributeError:
+                continue
+            if type(module).forward is not nn.Linear.forward or not isinstance(module, nn.Linear):
+                continue
+            prefix = path + "." if path else ""
+            if counts.get(id(module.weight), 0) != 1 or (
+                    post.has_bias and (post.names[1] != prefix + "bias"
+                                       or counts.get(id(module.bias), 0) != 1)):
+                continue
+            plan.append((path, module, key, post))
+        self.__dict__["_act_plan"] = (self._posterior_cache, plan)
+        return plan
+
+    def _cached_plan(self, attr):
+        """A layer plan stored under ``attr``, if the posterior list is still the same."""
+        cache = self.__dict__.get(attr)
+        if cache is not None and self._posterior_cache is not None \
+                and cache[0] is self._posterior_cache:
+            return cache[1]
+        return None
+
+    def _use_counts(self):
+        """``({id(parameter): uses}, [prefixes of nn.MultiheadAttention modules])``: a layer
+        plan needs weights used by one module, and MultiheadAttention reads its out_proj's
+        weight without calling out_proj."""
+        counts = {}
+        for _, p in self.model.named_parameters(remove_duplicate=False):
+            counts[id(p)] = counts.get(id(p), 0) + 1
+        foreign = [path + "." if path else "" for path, module in self.model.named_modules()
+                   if isinstance(module, nn.MultiheadAttention)]
+        return counts, foreign
+
+    def _activation_noise_plan(self, args):
+        """The layers of :meth:`activation_noise_layers` that perturb their output this forward:
+        those where it is cheaper for as many rows as the input has examples (a layer that then
+        gets more rows, e.g. a sequence, still takes the cheaper way per call)."""
+        if not self.__dict__.get("activation_noise", True) or _functorch_active() \
+                or not args or not torch.is_tensor(args[0]) or args[0].dim() < 1:
+            return []
+        rows = int(args[0].shape[0])
+        out = []
+        for entry in self.activation_noise_layers():
+            act, sample, _ = entry[3].noise_costs(rows, input_grad=True)
+            if act < sample:
+                out.append(entry)
+        return out
+
+    def _activation_noise_forward(self, plan, args, kwargs):
+        params, noises = self._sample(defer={key for _, _, key, _ in plan})
+        # first, so that every other hook of the layer (K-FAC's capture) sees the output of
+        # the sampled weights
+        hooks = [(module, _ActivationNoise(path, post, noises[key]))
+                 for path, module, key, post in plan]
+        return self._forward_with_hooks(
+            params, args, kwargs, hooks, "_act_warned", prepend=True, message=(
+                "Kronecker posterior: layer(s) {} did not run their forward in this pass, which "
+                "perturbs their outputs rather than their weights. If the model reads those "
+                "weights some other way, that use saw the posterior mean: set "
+                "var_model.activation_noise = False for this model."))
+
+    def _forward_with_hooks(self, params, args, kwargs, hooks, warned_key, prepend, message):
+        """``functional_call`` with each ``(module, hook)`` registered as a forward hook for this
+        call only; warns once per layer whose hook never ran (``message.format(layers)``)."""
+        handles = []
+        try:
+            for module, hook in hooks:
+                handles.append(module.register_forward_hook(hook, prepend=prepend))
+            out = functional_call(self.model, params, args, kwargs, strict=False,
+                                  tie_weights=self._tied)
+        finally:
+            for h in handles:
+                h.remove()
+        silent = [h.path or "<root>" for _, h in hooks if h.calls == 0]
+        warned = self.__dict__.setdefault(warned_key, set())
+        if silent and not set(silent) <= warned:
+            warned.update(silent)
+            warnings.warn(message.format(silent), UserWarning, stacklevel=4)
+        return out
 
     # ----------------------------------------------------------------- local reparameterisation
     def local_reparameterization_layers(self):
@@ -522,18 +670,12 @@ class VariationalModel(nn.Module):
         calling the layer, is left out. Every other parameter is sampled as usual (one draw per
         forward). A forward in which a listed layer does not run warns once: if the model
         reads that weight some other way, that use saw the posterior mean."""
-        cache = self.__dict__.get("_lrt_plan")   # valid while the posterior list is the same
-        if cache is not None and self._posterior_cache is not None \
-                and cache[0] is self._posterior_cache:
-            return cache[1]
+        cached = self._cached_plan("_lrt_plan")
+        if cached is not None:
+            return cached
         mean_field = {key: post for key, post in self.named_posteriors()
                       if type(post) is MeanFieldPosterior}
-        counts = {}
-        for _, p in self.model.named_parameters(remove_duplicate=False):
-            counts[id(p)] = counts.get(id(p), 0) + 1
-        # MultiheadAttention reads its out_proj's weight without calling out_proj
-        foreign = [path + "." if path else "" for path, module in self.model.named_modules()
-                   if isinstance(module, nn.MultiheadAttention)]
+        counts, foreign = self._use_counts()
         plan = []
         for path, module in self.model.named_modules():
             if type(module).forward is not nn.Linear.forward or not isinstance(module, nn.Linear):
@@ -565,32 +707,19 @@ class VariationalModel(nn.Module):
         plan = self.local_reparameterization_layers()
         posts = dict(self.named_posteriors())
         params = self.sample_parameters(skip={k for _, _, w, b in plan for k in (w, b) if k})
-        handles, hooks = [], []
-        try:
-            for path, module, w_key, b_key in plan:
-                params[w_key] = self._mean_of(w_key)
-                if b_key is not None:
-                    params[b_key] = self._mean_of(b_key)
-                hook = _LocalReparameterization(path, posts[w_key],
-                                                posts[b_key] if b_key is not None else None)
-                hooks.append(hook)
-                handles.append(module.register_forward_hook(hook))
-            out = functional_call(self.model, params, args, kwargs, strict=False,
-                                  tie_weights=self._tied)
-        finally:
-            for h in handles:
-                h.remove()
-        silent = [h.path or "<root>" for h in hooks if h.calls == 0]
-        warned = self.__dict__.setdefault("_lrt_warned", set())
-        if silent and not set(silent) <= warned:
-            warned.update(silent)
-            warnings.warn(
-                f"local_reparameterization: layer(s) {silent} did not run their forward in "
-                "this pass. If the model reads their weights some other way (as "
-                "nn.MultiheadAttention does with out_proj), that use saw the posterior mean, "
-                "not a sample: set var_model.local_reparameterization = False for this model",
-                UserWarning, stacklevel=3)
-        return out
+        hooks = []
+        for path, module, w_key, b_key in plan:
+            params[w_key] = self._mean_of(w_key)
+            if b_key is not None:
+                params[b_key] = self._mean_of(b_key)
+            hooks.append((module, _LocalReparameterization(
+                path, posts[w_key], posts[b_key] if b_key is not None else None)))
+        return self._forward_with_hooks(
+            params, args, kwargs, hooks, "_lrt_warned", prepend=False, message=(
+                "local_reparameterization: layer(s) {} did not run their forward in this pass. "
+                "If the model reads their weights some other way (as nn.MultiheadAttention "
+                "does with out_proj), that use saw the posterior mean, not a sample: set "
+                "var_model.local_reparameterization = False for this model"))
 
     # ----------------------------------------------------------------- export / persistence
     def mean_model(self):

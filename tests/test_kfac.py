@@ -600,3 +600,158 @@ def test_equal_pieces_of_the_batch_are_examples_not_repeated_uses():
         for i in (0, 1):
             for f0, f1 in zip(kfac_factors(*got["None"][i]), kfac_factors(*got[key][i])):
                 torch.testing.assert_close(f1, f0)
+
+
+# ---------------------------------------------------------------- noise through the activations
+class _Wide(nn.Module):
+    """fc1 (30 -> 40) is cheaper to perturb through its activations at a small batch, fc2
+    (40 -> 3) through its weights; ``twice`` runs fc1 on the two halves of the batch."""
+
+    def __init__(self, bias=True, twice=False):
+        super().__init__()
+        self.fc1 = nn.Linear(30, 40, bias=bias)
+        self.fc2 = nn.Linear(40, 3)
+        self.twice = twice
+
+    def forward(self, x):
+        if self.twice:
+            h = torch.cat([self.fc1(x[:2]), self.fc1(x[2:])])
+        else:
+            h = self.fc1(x)
+        return self.fc2(torch.tanh(h))
+
+
+def _wide_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    vm = pyvarinf2.variationalize(_Wide(**kw).to(DT))
+    use_kronecker_posteriors(vm)
+    _random_kronecker_state(vm, seed)
+    return vm
+
+
+def _sampled_forward(vm, x, seed, activation_noise):
+    vm.activation_noise = activation_noise
+    vm.record_noise = True
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out = vm(x)
+    grads = torch.autograd.grad((out * out.detach().cos()).sum(),
+                                [x] + list(vm.mean_parameters()))
+    noise = {k: [t.clone() for t in v] for k, v in vm.last_noise.items()}
+    return out.detach(), grads, noise
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(4, 30), (2, 3, 30), (2, 50, 30)])
+def test_noise_through_activations_equals_the_sampled_weights(bias, shape):
+    # the same draw E: the output, the input gradient, the mean gradients and the recorded
+    # noise are those of the layer with the sampled weights M + Q_S (std ⊙ E) Q_Aᵀ; (2, 50, 30)
+    # has 100 rows, where the hook takes the route through Z instead
+    vm = _wide_model(bias=bias)
+    x = torch.randn(*shape, dtype=DT)
+    assert [path for path, *_ in vm._activation_noise_plan((x,))] == ["fc1"]
+    ref = _sampled_forward(vm, x, 7, False)
+    got = _sampled_forward(vm, x, 7, True)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+    for g, r in zip(got[1], ref[1]):
+        torch.testing.assert_close(g, r, rtol=1e-11, atol=1e-12)
+    assert got[2].keys() == ref[2].keys()
+    for k in ref[2]:
+        assert all(torch.equal(a, b) for a, b in zip(got[2][k], ref[2][k]))
+    # and it is a sample: another seed gives another output
+    assert not torch.allclose(_sampled_forward(vm, x, 8, True)[0], got[0])
+
+
+def test_noise_through_activations_shares_one_draw_across_calls():
+    # fc1 runs on both halves of the batch: both must see the same weights
+    vm = _wide_model(twice=True)
+    x = torch.randn(4, 30, dtype=DT)
+    ref = _sampled_forward(vm, x, 3, False)
+    got = _sampled_forward(vm, x, 3, True)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+
+
+def test_noise_route_follows_the_flop_counts():
+    post = KroneckerPosterior("w", (400, 784), "b")
+    act, sample, linear = post.noise_costs(128, input_grad=False)
+    assert act == 2 * 128 * (784 * 785 + 785 * 400 + 400 * 400)      # 0.28 GFlop
+    assert sample == 2 * 400 * 785 * (400 + 785)                       # 0.74 GFlop
+    assert linear == 2 * 128 * 784 * 400
+    assert post.noise_costs(128, input_grad=True)[0] == 2 * act
+    vm = _wide_model()
+    # fc2 (40 -> 3) is cheaper through its weights; no route through the activations without
+    # a sampling forward, with activation_noise off, or inside torch.func transforms
+    assert [p for p, *_ in vm.activation_noise_layers()] == ["fc1", "fc2"]
+    assert [p for p, *_ in vm._activation_noise_plan((torch.randn(4, 30),))] == ["fc1"]
+    assert vm._activation_noise_plan((torch.randn(4000, 30),)) == []
+    vm.activation_noise = False
+    assert vm._activation_noise_plan((torch.randn(4, 30),)) == []
+    with pytest.raises(TypeError, match="activation_noise"):
+        vm.activation_noise = "yes"
+    assert vm.activation_noise is False
+
+
+def test_noise_through_activations_skips_layers_it_cannot_see():
+    class Custom(nn.Linear):            # its own forward: output may not be x Wᵀ + b
+        def forward(self, x):
+            return super().forward(2 * x)
+
+    class Reads(nn.Module):             # reads fc1's weight without calling fc1
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(30, 40)
+            self.custom = Custom(40, 40)
+
+        def forward(self, x):
+            return self.custom(F.linear(x, self.fc1.weight, self.fc1.bias))
+
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(Reads().to(DT))
+    use_kronecker_posteriors(vm)
+    assert [p for p, *_ in vm.activation_noise_layers()] == ["fc1"]
+    x = torch.randn(4, 30, dtype=DT)
+    with pytest.warns(UserWarning, match=r"\['fc1'\] did not run their forward"):
+        vm(x)
+    vm.activation_noise = False
+    torch.manual_seed(1)
+    a = vm(x)
+    torch.manual_seed(1)
+    b = functional_call(vm.model, vm.sample_parameters(), (x,))
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("net", ["wide", "root"])
+@pytest.mark.parametrize("fisher", ["true", "empirical"])
+@pytest.mark.parametrize("opt_name", ["NoisyKFAC", "NoisyEKFAC"])
+def test_optimizer_step_is_the_same_through_activations(opt_name, fisher, net):
+    # K-FAC's capture (with fisher='true', labels drawn from the sampled output) and the mean
+    # update see the same numbers whichever route the noise takes. One step: the factors of a
+    # batch of 4 are singular, and the eigenvectors of their null space (not the posterior)
+    # depend on rounding, so later draws differ; the posterior covariance does not. "root":
+    # the wrapped model is the layer itself, whose true-Fisher labels come from its output.
+    x = torch.randn(4, 30, dtype=DT)
+    y = torch.tensor([0, 2, 1, 1])
+    got = []
+    for route in (False, True):
+        torch.manual_seed(0)
+        model = _Wide(twice=True) if net == "wide" else nn.Linear(30, 40)
+        vm = pyvarinf2.variationalize(model.to(DT))
+        opt = getattr(pyvarinf2.optim, opt_name)(vm, lr=0.05, dataset_size=50, T_cov=1,
+                                                 T_inv=2, fisher=fisher)
+        vm.activation_noise = route
+        assert bool(vm._activation_noise_plan((x,))) is route
+        opt.zero_grad()
+        F.cross_entropy(vm(x), y).backward()
+        opt.step()
+        state = {k: v.clone() for k, v in vm.state_dict().items()
+                 if torch.is_tensor(v) and not k.startswith("posteriors.")}
+        for key, post in kronecker_posteriors(vm).items():
+            state[key + " covariance"] = post.covariance()
+        for p in vm.mean_parameters():
+            for k in ("A", "S"):
+                if k in opt.state[p]:
+                    state[f"{tuple(p.shape)} {k}"] = opt.state[p][k]
+        got.append(state)
+    assert got[0].keys() == got[1].keys() and len(got[0]) >= (8 if net == "wide" else 5)
+    for k, v in got[0].items():
+        torch.testing.assert_close(got[1][k], v, rtol=1e-9, atol=1e-12, msg=k)
