@@ -145,7 +145,7 @@ class _ActivationNoise:
         rows = x.numel() // max(x.shape[-1], 1)
         act, sample, linear = post.noise_costs(rows, x.requires_grad)
         if act <= (sample if self._parts is None else 0) + linear:
-            return output + post.linear_output_noise(x, self.noise[0])
+            return output + post.linear_output_noise(x, self.noise[0]).to(output.dtype)
         if self._parts is None:
             self._parts = post.split(post.perturbation(self.noise[0]))
         z = self._parts

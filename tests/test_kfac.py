@@ -662,6 +662,22 @@ def test_noise_through_activations_equals_the_sampled_weights(bias, shape):
     assert not torch.allclose(_sampled_forward(vm, x, 8, True)[0], got[0])
 
 
+def test_noise_through_activations_keeps_the_autocast_dtype():
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(nn.Linear(30, 40))    # the layer's output is the model's
+    use_kronecker_posteriors(vm)
+    x = torch.randn(4, 30)
+    assert vm._activation_noise_plan((x,))
+    outs = []
+    for route in (False, True):
+        vm.activation_noise = route
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(vm(x))
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), rtol=0.05, atol=0.05)
+
+
 def test_noise_through_activations_shares_one_draw_across_calls():
     # fc1 runs on both halves of the batch: both must see the same weights
     vm = _wide_model(twice=True)
