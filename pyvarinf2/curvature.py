@@ -291,6 +291,11 @@ class PerExampleSquaredGradients:
                 units.append((module, local))
         return units
 
+    def func_modules(self):
+        """The hooked modules whose per-example gradients are recomputed with ``torch.func``
+        (no closed form): they are re-run, with the tensors their forward saw, after it."""
+        return [module for module, _ in self._units if not _closed_form(module)]
+
     def attach(self):
         """Register the hooks (idempotent)."""
         if self._handles:
@@ -352,9 +357,7 @@ class PerExampleSquaredGradients:
         bdim = _batch_dim(module)
         # the closed forms need only the input and the output gradient; torch.func needs the
         # tensors (sampled weights, buffers) the forward used
-        closed_form = (_is_plain(module, (nn.Linear,) + _NORMS)
-                       or (_is_plain(module, (nn.Conv1d, nn.Conv2d)) and _unfoldable(module))
-                       or (_is_plain(module, nn.Embedding) and _embedding_closed_form(module)))
+        closed_form = _closed_form(module)
 
         def hook(mod, args, kwargs, output):
             if self._computing or not torch.is_grad_enabled():
@@ -755,6 +758,13 @@ def _linear_per_example(a, g, local):
     if "bias" in local:
         out["bias"] = g3.sum(1)
     return out
+
+
+def _closed_form(module):
+    """Whether the module's per-example gradients have a closed form here (no torch.func)."""
+    return (_is_plain(module, (nn.Linear,) + _NORMS)
+            or (_is_plain(module, (nn.Conv1d, nn.Conv2d)) and _unfoldable(module))
+            or (_is_plain(module, nn.Embedding) and _embedding_closed_form(module)))
 
 
 def _unfoldable(mod):

@@ -26,8 +26,8 @@ optimizer; the means stay the wrapped model's own parameters.
 A Linear layer need not form ``Z = Q_S (std ⊙ E) Q_Aᵀ`` at all: its output under ``M + Z`` is
 its output under ``M`` plus :meth:`KroneckerPosterior.linear_output_noise`,
 ``((x_h Q_A)(std ⊙ E)ᵀ) Q_Sᵀ``, cheaper when the batch has fewer rows than the layer has units;
-``VariationalModel.forward`` takes that route where it costs fewer flops
-(``VariationalModel.activation_noise_layers``).
+``VariationalModel.forward`` takes that route per call where it costs fewer flops
+(``VariationalModel.activation_noise_layers``, ``var_model.activation_noise``).
 
 How a model gets (and gets back) Kronecker posteriors: :func:`use_kronecker_posteriors` converts
 every eligible layer (the optimizers call it; it is idempotent). A model saved with Kronecker
@@ -180,14 +180,12 @@ class KroneckerPosterior(Posterior):
         return out.reshape(*x.shape[:-1], self.n_out).to(x.dtype)
 
     def noise_costs(self, rows, input_grad=True):
-        """Flop counts of perturbing a Linear layer's output for ``rows`` input rows:
-        ``(activations, sample, linear)``: :meth:`linear_output_noise` (doubled by the backward
-        to the input when ``input_grad``), forming ``Z`` (:meth:`perturbation`), and one more
-        product of the layer's size (``x z_wᵀ`` with its backward to the input)."""
+        """Flop counts of the two ways to perturb a Linear layer's output for ``rows`` input
+        rows: ``(activations, sample)``, :meth:`linear_output_noise` (doubled by its backward
+        to the input when ``input_grad``) and forming ``Z`` (:meth:`perturbation`)."""
         f, n, o = self.fan_in, self.n_in, self.n_out
-        grad = 2 if input_grad else 1
-        return (2 * rows * (f * n + n * o + o * o) * grad, 2 * o * n * (o + n),
-                2 * rows * f * o * grad)
+        return (2 * rows * (f * n + n * o + o * o) * (2 if input_grad else 1),
+                2 * o * n * (o + n))
 
     def sample(self, means, noise=None):
         if noise is None:

@@ -126,31 +126,70 @@ class _LocalReparameterization:
 
 
 class _ActivationNoise:
-    """Forward hook of one Linear layer with a Kronecker posterior for
-    :meth:`VariationalModel.forward`: adds ``x_h Zᵀ`` for this forward's draw ``Z`` to the output
-    the layer computed with its posterior means (the output of the sampled weights ``M + Z``,
-    exactly). Per call it takes the cheaper of the two ways for the input it got: through the
-    activations (``((x_h Q_A)(std ⊙ E)ᵀ) Q_Sᵀ``, never forming ``Z``) or through ``Z`` itself
-    (formed once per forward and shared by every call)."""
+    """Hooks of one Linear layer with a Kronecker posterior for :meth:`VariationalModel.forward`
+    (see :meth:`VariationalModel.activation_noise_layers`). Each call takes the cheaper way for
+    the rows it gets (:meth:`KroneckerPosterior.noise_costs`): through the activations (the
+    layer runs with its means and ``x_h Zᵀ = ((x_h Q_A)(std ⊙ E)ᵀ) Q_Sᵀ`` is added to its output)
+    or through the weights (the pre-hook hands the call ``M + Z``, ``Z`` formed once per forward
+    and shared by every call). Either way the output is that of the sampled weights."""
 
-    def __init__(self, path, posterior, noise):
+    def __init__(self, path, posterior, noise, routes):
         self.path, self.posterior, self.noise = path, posterior, noise
         self.calls = 0
+        self.routes = routes      # the way each call took, in order ('activations'/'weights')
         self._parts = None
+        self._saved = None
 
-    def __call__(self, module, inputs, output):
+    @staticmethod
+    def _input(args, kwargs):
+        return args[0] if args else kwargs.get("input")
+
+    def pre(self, module, args, kwargs):
         self.calls += 1
-        x = inputs[0]
+        x = self._input(args, kwargs)
         post = self.posterior
-        rows = x.numel() // max(x.shape[-1], 1)
-        act, sample, linear = post.noise_costs(rows, x.requires_grad)
-        if act <= (sample if self._parts is None else 0) + linear:
-            return output + post.linear_output_noise(x, self.noise[0]).to(output.dtype)
+        if not torch.is_tensor(x):
+            return None
+        rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
+        act, sample = post.noise_costs(rows, x.requires_grad and torch.is_grad_enabled())
+        if act < sample:
+            self.routes.append("activations")
+            return None
+        self.routes.append("weights")
         if self._parts is None:
             self._parts = post.split(post.perturbation(self.noise[0]))
-        z = self._parts
-        return output + F.linear(x, z[0].to(x.dtype),
-                                 z[1].to(x.dtype) if len(z) > 1 else None)
+        names = ("weight", "bias")[:len(self._parts)]
+        self._saved = {n: module._parameters[n] for n in names}
+        for n, z in zip(names, self._parts):
+            module._parameters[n] = self._saved[n] + z
+        return None
+
+    def post(self, module, args, kwargs, output):
+        if self._saved is not None:          # the call ran with M + Z
+            return None
+        x = self._input(args, kwargs)
+        if not torch.is_tensor(x) or not torch.is_tensor(output):
+            return None
+        return output + self.posterior.linear_output_noise(x, self.noise[0]).to(output.dtype)
+
+    def restore(self, module, args, kwargs, output):
+        if self._saved is not None:          # put the means back
+            module._parameters.update(self._saved)
+            self._saved = None
+        return None
+
+
+# modules of torch.nn that read a child layer's weight without calling the layer
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder,
+                        nn.TransformerDecoder, nn.TransformerEncoderLayer,
+                        nn.TransformerDecoderLayer)
+
+
+def _torch_nn_only(model):
+    """Whether every module of ``model`` is one of torch.nn's own (no user-written forward that
+    could read a layer's weight outside the layer) and none reads a child's weight directly."""
+    return all(type(m).__module__.startswith("torch.nn.")
+               and not isinstance(m, _READS_CHILD_WEIGHTS) for m in model.modules())
 
 
 def _resolve_owner(model, name):
@@ -246,7 +285,7 @@ class VariationalModel(nn.Module):
         self.record_noise = False
         self.last_noise = None
         self.local_reparameterization = local_reparameterization
-        self.activation_noise = True
+        self.activation_noise = None
         for name, p, owner, attr in selected:
             post = MeanFieldPosterior(name, p, init_std)
             post._mean_source = (owner, attr)
@@ -265,8 +304,12 @@ class VariationalModel(nn.Module):
     def __setattr__(self, name, value):
         if name == "posteriors":
             self.__dict__["_posterior_cache"] = None
-        elif name in ("local_reparameterization", "activation_noise"):
+        elif name == "local_reparameterization":
             _check_flag(value, name)
+        elif name == "activation_noise":
+            if value is not None:
+                _check_flag(value, name)
+            self.__dict__.pop("_act_plan", None)
         super().__setattr__(name, value)
 
     def _attach(self, key, posterior):
@@ -546,7 +589,7 @@ class VariationalModel(nn.Module):
             # a training-time estimator: sampling in evaluation mode (the predictive helpers,
             # ``sampling(True)``) draws whole weight samples
             return self._local_reparameterization_forward(args, kwargs)
-        plan = self._activation_noise_plan(args)
+        plan = self._activation_noise_plan()
         if plan:
             return self._activation_noise_forward(plan, args, kwargs)
         params = self.sample_parameters()
@@ -555,23 +598,32 @@ class VariationalModel(nn.Module):
 
     # ----------------------------------------------------------------- noise through activations
     def activation_noise_layers(self):
-        """The Linear layers whose Kronecker posterior (see :mod:`pyvarinf2.kronecker`) can
-        perturb the layer's output instead of its weights: ``[(path, module, posterior key,
-        posterior)]``. A layer qualifies when it is a plain ``nn.Linear`` (its own ``forward``)
-        whose weight (and bias, if in the posterior) is used by no other module, outside
-        ``nn.MultiheadAttention`` (which reads its ``out_proj`` weight without calling it).
+        """The Linear layers that take their Kronecker noise per call through the cheaper of two
+        exact ways, with ``var_model.activation_noise`` on: ``[(path, module, posterior key,
+        posterior)]``.
 
-        With ``var_model.activation_noise`` (default ``True``), a sampling forward runs such a
-        layer with its means and adds ``x_h Zᵀ`` computed from the activations,
-        ``((x_h Q_A)(std ⊙ E)ᵀ) Q_Sᵀ``: the same draw ``E`` and the same output as the sampled
-        weights ``M + Z``, without the two ``n x n`` products that form ``Z``. It is used where
-        it costs fewer flops (:meth:`KroneckerPosterior.noise_costs`): when the batch has fewer
-        rows than the layer has units, e.g. a 784-400 layer at batch 128 (0.28 against 0.75
-        GFlop per draw). The choice depends on the input shapes only, so runs repeat exactly."""
+        A Linear layer's output under the sampled weights ``M + Z``, ``Z = Q_S (std ⊙ E) Q_Aᵀ``
+        (:mod:`pyvarinf2.kronecker`), is its output under ``M`` plus
+        ``((x_h Q_A)(std ⊙ E)ᵀ) Q_Sᵀ``: the same draw ``E``, without the two dense products that
+        form ``Z``. Each call takes that route when it costs fewer flops for the rows it gets
+        (:meth:`KroneckerPosterior.noise_costs`; e.g. a 784-400 layer at batch 128: 0.28
+        against 0.74 GFlop per draw), else it runs with ``M + Z``. The choice depends on input
+        shapes only, so runs repeat exactly. What it needs: nothing but the layer's own forward
+        reads its weight (a tied decoder reading ``enc.weight`` directly would see the mean).
+
+        ``activation_noise``: ``None`` (default) uses it when every module of the wrapped model
+        is one of torch.nn's own (``nn.Sequential`` of layers: no user-written forward to read
+        a weight, no attention/Transformer module, which reads its projections' weights);
+        ``True`` for every qualifying layer, on your word that nothing else reads them;
+        ``False`` never. A layer qualifies when it is a plain ``nn.Linear`` (its own
+        ``forward``) whose weight (and bias, if in the posterior) no other module holds,
+        outside an attention module, and outside a module whose per-example gradients an
+        optimizer recomputes with ``torch.func`` (which would not see the noise)."""
         cached = self._cached_plan("_act_plan")
         if cached is not None:
             return cached
         counts, foreign = self._use_counts()
+        excluded = self.__dict__.get("_act_excluded", set())
         plan = []
         for key, post in self.named_posteriors():
             if getattr(post, "family", None) != "kronecker" or len(post.weight_shape) != 2:
@@ -583,7 +635,8 @@ class VariationalModel(nn.Module):
                 module = self.model.get_submodule(path)
             except AttributeError:
                 continue
-            if type(module).forward is not nn.Linear.forward or not isinstance(module, nn.Linear):
+            if type(module).forward is not nn.Linear.forward or not isinstance(module, nn.Linear) \
+                    or id(module) in excluded:
                 continue
             prefix = path + "." if path else ""
             if counts.get(id(module.weight), 0) != 1 or (
@@ -593,6 +646,14 @@ class VariationalModel(nn.Module):
             plan.append((path, module, key, post))
         self.__dict__["_act_plan"] = (self._posterior_cache, plan)
         return plan
+
+    def _keep_activation_noise_out(self, modules):
+        """Exclude every Linear layer inside ``modules`` (e.g. those an optimizer re-runs
+        through ``torch.func``) from :meth:`activation_noise_layers`."""
+        ids = {id(m) for mod in modules for m in mod.modules() if isinstance(m, nn.Linear)}
+        if not ids <= self.__dict__.get("_act_excluded", set()):
+            self.__dict__["_act_excluded"] = self.__dict__.get("_act_excluded", set()) | ids
+            self.__dict__.pop("_act_plan", None)
 
     def _cached_plan(self, attr):
         """A layer plan stored under ``attr``, if the posterior list is still the same."""
@@ -613,41 +674,49 @@ class VariationalModel(nn.Module):
                    if isinstance(module, nn.MultiheadAttention)]
         return counts, foreign
 
-    def _activation_noise_plan(self, args):
-        """The layers of :meth:`activation_noise_layers` that perturb their output this forward:
-        those where it is cheaper for as many rows as the input has examples (a layer that then
-        gets more rows, e.g. a sequence, still takes the cheaper way per call)."""
-        if not self.__dict__.get("activation_noise", True) or _functorch_active() \
-                or not args or not torch.is_tensor(args[0]) or args[0].dim() < 1:
+    def _activation_noise_plan(self):
+        """The layers of :meth:`activation_noise_layers` for this forward, if the route is on."""
+        flag = self.__dict__.get("activation_noise")
+        if flag is False or _functorch_active():
             return []
-        rows = int(args[0].shape[0])
-        out = []
-        for entry in self.activation_noise_layers():
-            act, sample, _ = entry[3].noise_costs(rows, input_grad=True)
-            if act < sample:
-                out.append(entry)
-        return out
+        if flag is None:
+            auto = self.__dict__.get("_act_auto")
+            if auto is None or auto[0] is not self._posterior_cache:
+                auto = (self._posterior_cache, _torch_nn_only(self.model))
+                self.__dict__["_act_auto"] = auto
+            if not auto[1]:
+                return []
+        return self.activation_noise_layers()
 
     def _activation_noise_forward(self, plan, args, kwargs):
         params, noises = self._sample(defer={key for _, _, key, _ in plan})
-        # first, so that every other hook of the layer (K-FAC's capture) sees the output of
-        # the sampled weights
-        hooks = [(module, _ActivationNoise(path, post, noises[key]))
+        routes = {}
+        hooks = [(module, _ActivationNoise(path, post, noises[key], routes.setdefault(path, [])))
                  for path, module, key, post in plan]
-        return self._forward_with_hooks(
-            params, args, kwargs, hooks, "_act_warned", prepend=True, message=(
-                "Kronecker posterior: layer(s) {} did not run their forward in this pass, which "
-                "perturbs their outputs rather than their weights. If the model reads those "
-                "weights some other way, that use saw the posterior mean: set "
-                "var_model.activation_noise = False for this model."))
+        self.__dict__["_last_routes"] = routes    # {path: the way of each call} (tests, logs)
 
-    def _forward_with_hooks(self, params, args, kwargs, hooks, warned_key, prepend, message):
-        """``functional_call`` with each ``(module, hook)`` registered as a forward hook for this
-        call only; warns once per layer whose hook never ran (``message.format(layers)``)."""
+        def register(module, hook):
+            # the noise first, so that every other hook of the layer (K-FAC's capture, its
+            # true-Fisher labels) sees the output of the sampled weights; the means put back
+            # last, so that other hooks see M + Z where the call ran with it
+            return [module.register_forward_pre_hook(hook.pre, with_kwargs=True, prepend=True),
+                    module.register_forward_hook(hook.post, with_kwargs=True, prepend=True),
+                    module.register_forward_hook(hook.restore, with_kwargs=True)]
+
+        return self._forward_with_hooks(
+            params, args, kwargs, hooks, register, "_act_warned", message=(
+                "Kronecker posterior: layer(s) {} did not run their forward in this pass. If "
+                "the model reads their weights some other way, that use saw the posterior "
+                "mean, not a sample: set var_model.activation_noise = False for this model."))
+
+    def _forward_with_hooks(self, params, args, kwargs, hooks, register, warned_key, message):
+        """``functional_call`` with each ``(module, hook)`` registered (``register(module,
+        hook)`` returns the handles) for this call only; warns once per layer whose hook never
+        ran (``message.format(layers)``)."""
         handles = []
         try:
             for module, hook in hooks:
-                handles.append(module.register_forward_hook(hook, prepend=prepend))
+                handles.extend(register(module, hook))
             out = functional_call(self.model, params, args, kwargs, strict=False,
                                   tie_weights=self._tied)
         finally:
@@ -715,7 +784,8 @@ class VariationalModel(nn.Module):
             hooks.append((module, _LocalReparameterization(
                 path, posts[w_key], posts[b_key] if b_key is not None else None)))
         return self._forward_with_hooks(
-            params, args, kwargs, hooks, "_lrt_warned", prepend=False, message=(
+            params, args, kwargs, hooks, lambda m, h: [m.register_forward_hook(h)],
+            "_lrt_warned", message=(
                 "local_reparameterization: layer(s) {} did not run their forward in this pass. "
                 "If the model reads their weights some other way (as nn.MultiheadAttention "
                 "does with out_proj), that use saw the posterior mean, not a sample: set "

@@ -605,19 +605,20 @@ def test_equal_pieces_of_the_batch_are_examples_not_repeated_uses():
 # ---------------------------------------------------------------- noise through the activations
 class _Wide(nn.Module):
     """fc1 (30 -> 40) is cheaper to perturb through its activations at a small batch, fc2
-    (40 -> 3) through its weights; ``twice`` runs fc1 on the two halves of the batch."""
+    (40 -> 3) through its weights; ``twice`` runs fc1 on the two halves of the batch, ``kw``
+    calls it by keyword."""
 
-    def __init__(self, bias=True, twice=False):
+    def __init__(self, bias=True, twice=False, kw=False):
         super().__init__()
         self.fc1 = nn.Linear(30, 40, bias=bias)
         self.fc2 = nn.Linear(40, 3)
-        self.twice = twice
+        self.twice, self.kw = twice, kw
 
     def forward(self, x):
         if self.twice:
             h = torch.cat([self.fc1(x[:2]), self.fc1(x[2:])])
         else:
-            h = self.fc1(x)
+            h = self.fc1(input=x) if self.kw else self.fc1(x)
         return self.fc2(torch.tanh(h))
 
 
@@ -641,25 +642,44 @@ def _sampled_forward(vm, x, seed, activation_noise):
     return out.detach(), grads, noise
 
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(4, 30), (2, 3, 30), (2, 50, 30)])
-def test_noise_through_activations_equals_the_sampled_weights(bias, shape):
-    # the same draw E: the output, the input gradient, the mean gradients and the recorded
-    # noise are those of the layer with the sampled weights M + Q_S (std ⊙ E) Q_Aᵀ; (2, 50, 30)
-    # has 100 rows, where the hook takes the route through Z instead
-    vm = _wide_model(bias=bias)
-    x = torch.randn(*shape, dtype=DT)
-    assert [path for path, *_ in vm._activation_noise_plan((x,))] == ["fc1"]
-    ref = _sampled_forward(vm, x, 7, False)
-    got = _sampled_forward(vm, x, 7, True)
+def _assert_same(got, ref):
     torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
     for g, r in zip(got[1], ref[1]):
         torch.testing.assert_close(g, r, rtol=1e-11, atol=1e-12)
     assert got[2].keys() == ref[2].keys()
     for k in ref[2]:
         assert all(torch.equal(a, b) for a, b in zip(got[2][k], ref[2][k]))
-    # and it is a sample: another seed gives another output
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape,routes", [
+    ((4, 30), ("activations", "weights")), ((2, 3, 30), ("activations", "weights")),
+    ((30,), ("activations", "activations")), ((2, 50, 30), ("weights", "weights"))])
+def test_noise_through_activations_equals_the_sampled_weights(bias, shape, routes):
+    # the same draw E: the output, the input gradient, the mean gradients and the recorded
+    # noise are those of the layer with the sampled weights M + Q_S (std ⊙ E) Q_Aᵀ; each layer
+    # takes the route its rows make cheaper (fc2, 40 -> 3, through the activations only for
+    # one row; fc1 through M + Z for 100 rows)
+    vm = _wide_model(bias=bias)
+    x = torch.randn(*shape, dtype=DT)
+    ref = _sampled_forward(vm, x, 7, False)
+    got = _sampled_forward(vm, x, 7, True)
+    assert vm._last_routes == {"fc1": [routes[0]], "fc2": [routes[1]]}
+    _assert_same(got, ref)
+    # the means are back in place, and it is a sample: another seed gives another output
+    assert all(p is vm.model.get_parameter(n) for n, p in vm.model.named_parameters())
     assert not torch.allclose(_sampled_forward(vm, x, 8, True)[0], got[0])
+
+
+@pytest.mark.parametrize("kw", [dict(twice=True), dict(kw=True)])
+def test_noise_through_activations_per_call(kw):
+    # fc1 on both halves of the batch: both calls see the same weights; fc1(input=x) by keyword
+    vm = _wide_model(**kw)
+    x = torch.randn(4, 30, dtype=DT)
+    ref = _sampled_forward(vm, x, 3, False)
+    got = _sampled_forward(vm, x, 3, True)
+    assert vm._last_routes["fc1"] == ["activations"] * (2 if kw.get("twice") else 1)
+    _assert_same(got, ref)
 
 
 def test_noise_through_activations_keeps_the_autocast_dtype():
@@ -667,73 +687,135 @@ def test_noise_through_activations_keeps_the_autocast_dtype():
     vm = pyvarinf2.variationalize(nn.Linear(30, 40))    # the layer's output is the model's
     use_kronecker_posteriors(vm)
     x = torch.randn(4, 30)
-    assert vm._activation_noise_plan((x,))
     outs = []
-    for route in (False, True):
+    for route in (False, None):
         vm.activation_noise = route
         torch.manual_seed(0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outs.append(vm(x))
+    assert vm._last_routes == {"": ["activations"]}
     assert outs[0].dtype == outs[1].dtype == torch.bfloat16
     torch.testing.assert_close(outs[1].float(), outs[0].float(), rtol=0.05, atol=0.05)
 
 
-def test_noise_through_activations_shares_one_draw_across_calls():
-    # fc1 runs on both halves of the batch: both must see the same weights
-    vm = _wide_model(twice=True)
-    x = torch.randn(4, 30, dtype=DT)
-    ref = _sampled_forward(vm, x, 3, False)
-    got = _sampled_forward(vm, x, 3, True)
-    torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
-
-
 def test_noise_route_follows_the_flop_counts():
     post = KroneckerPosterior("w", (400, 784), "b")
-    act, sample, linear = post.noise_costs(128, input_grad=False)
+    act, sample = post.noise_costs(128, input_grad=False)
     assert act == 2 * 128 * (784 * 785 + 785 * 400 + 400 * 400)      # 0.28 GFlop
     assert sample == 2 * 400 * 785 * (400 + 785)                       # 0.74 GFlop
-    assert linear == 2 * 128 * 784 * 400
     assert post.noise_costs(128, input_grad=True)[0] == 2 * act
     vm = _wide_model()
-    # fc2 (40 -> 3) is cheaper through its weights; no route through the activations without
-    # a sampling forward, with activation_noise off, or inside torch.func transforms
-    assert [p for p, *_ in vm.activation_noise_layers()] == ["fc1", "fc2"]
-    assert [p for p, *_ in vm._activation_noise_plan((torch.randn(4, 30),))] == ["fc1"]
-    assert vm._activation_noise_plan((torch.randn(4000, 30),)) == []
+    vm.activation_noise = True
+    assert [p for p, *_ in vm._activation_noise_plan()] == ["fc1", "fc2"]
+    vm(torch.randn(4000, 30, dtype=DT))
+    assert vm._last_routes == {"fc1": ["weights"], "fc2": ["weights"]}
+    with torch.no_grad():    # no input gradient to pay for: cheaper through the activations
+        vm(torch.randn(8, 30, dtype=DT))
+    assert vm._last_routes == {"fc1": ["activations"], "fc2": ["weights"]}
     vm.activation_noise = False
-    assert vm._activation_noise_plan((torch.randn(4, 30),)) == []
+    assert vm._activation_noise_plan() == []
     with pytest.raises(TypeError, match="activation_noise"):
         vm.activation_noise = "yes"
     assert vm.activation_noise is False
 
 
-def test_noise_through_activations_skips_layers_it_cannot_see():
-    class Custom(nn.Linear):            # its own forward: output may not be x Wᵀ + b
-        def forward(self, x):
-            return super().forward(2 * x)
+def test_noise_route_by_default_only_for_torch_nn_models():
+    # None (the default): on for models made of torch.nn's own modules, off for a model with
+    # its own forward (which could read a weight outside the layer) and for attention modules
+    def kron(model):
+        torch.manual_seed(0)
+        vm = pyvarinf2.variationalize(model)
+        use_kronecker_posteriors(vm)
+        assert vm.activation_noise is None
+        return [p for p, *_ in vm._activation_noise_plan()]
 
+    assert kron(nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 3))) == ["0", "2"]
+    assert kron(nn.Sequential(nn.Sequential(nn.Linear(30, 40)), nn.Tanh())) == ["0.0"]
+    assert kron(_Wide()) == []
+    assert kron(nn.Sequential(nn.Linear(8, 8), nn.TransformerEncoderLayer(8, 2, 16))) == []
+
+
+class _TiedAutoencoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(30, 40)
+        self.dec_bias = nn.Parameter(torch.zeros(30))
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.enc(x)), self.enc.weight.t(), self.dec_bias)
+
+
+def test_noise_route_is_off_by_default_where_a_weight_is_read_outside_its_layer():
+    # a decoder tied to enc.weight: by default the sampled weight reaches both uses; with
+    # activation_noise=True (the user's word that nothing else reads it) the decoder would
+    # see the mean, which is why the default leaves user-written forwards alone
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(_TiedAutoencoder().to(DT))
+    use_kronecker_posteriors(vm)
+    _random_kronecker_state(vm)
+    x = torch.randn(4, 30, dtype=DT)
+    ref = _sampled_forward(vm, x, 5, False)
+    _assert_same(_sampled_forward(vm, x, 5, None), ref)
+    assert "_last_routes" not in vm.__dict__
+    wrong = _sampled_forward(vm, x, 5, True)[0]
+    assert vm._last_routes == {"enc": ["activations"]}
+    assert not torch.allclose(wrong, ref[0])
+
+
+def test_noise_route_warns_for_a_layer_that_never_runs():
     class Reads(nn.Module):             # reads fc1's weight without calling fc1
         def __init__(self):
             super().__init__()
             self.fc1 = nn.Linear(30, 40)
-            self.custom = Custom(40, 40)
 
         def forward(self, x):
-            return self.custom(F.linear(x, self.fc1.weight, self.fc1.bias))
+            return F.linear(x, self.fc1.weight, self.fc1.bias)
 
     torch.manual_seed(0)
     vm = pyvarinf2.variationalize(Reads().to(DT))
     use_kronecker_posteriors(vm)
-    assert [p for p, *_ in vm.activation_noise_layers()] == ["fc1"]
     x = torch.randn(4, 30, dtype=DT)
+    vm(x)                                 # default: a user-written forward, weights sampled
+    vm.activation_noise = True
     with pytest.warns(UserWarning, match=r"\['fc1'\] did not run their forward"):
         vm(x)
-    vm.activation_noise = False
-    torch.manual_seed(1)
-    a = vm(x)
-    torch.manual_seed(1)
-    b = functional_call(vm.model, vm.sample_parameters(), (x,))
-    torch.testing.assert_close(a, b)
+
+
+class _Tempered(nn.Module):
+    """A learned temperature owned by the root: per-example gradients of the root re-run it
+    (and fc1 inside it) through torch.func."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(30, 40)
+        self.fc2 = nn.Linear(40, 3)
+        self.log_t = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x))) * self.log_t.exp()
+
+
+def test_layers_inside_a_torch_func_rerun_keep_the_weight_route():
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(_Tempered().to(DT))
+    use_kronecker_posteriors(vm)
+    vm.activation_noise = True
+    assert [p for p, *_ in vm._activation_noise_plan()] == ["fc1", "fc2"]
+    pyvarinf2.optim.NoisyKFAC(vm, lr=0.05, dataset_size=50, fisher="empirical")
+    assert vm._activation_noise_plan() == []
+    x = torch.randn(4, 30, dtype=DT)
+    y = torch.tensor([0, 2, 1, 1])
+    steps = []
+    for route in (False, True):
+        torch.manual_seed(0)
+        vm = pyvarinf2.variationalize(_Tempered().to(DT))
+        opt = pyvarinf2.optim.NoisyKFAC(vm, lr=0.05, dataset_size=50, fisher="empirical")
+        vm.activation_noise = route
+        opt.zero_grad()
+        F.cross_entropy(vm(x), y).backward()
+        opt.step()
+        steps.append(vm.posteriors.log_t.stddev.clone())
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("net", ["wide", "root"])
@@ -755,7 +837,7 @@ def test_optimizer_step_is_the_same_through_activations(opt_name, fisher, net):
         opt = getattr(pyvarinf2.optim, opt_name)(vm, lr=0.05, dataset_size=50, T_cov=1,
                                                  T_inv=2, fisher=fisher)
         vm.activation_noise = route
-        assert bool(vm._activation_noise_plan((x,))) is route
+        assert bool(vm._activation_noise_plan()) is route
         opt.zero_grad()
         F.cross_entropy(vm(x), y).backward()
         opt.step()

@@ -199,6 +199,9 @@ class NoisyKFAC(VariationalOptimizer):
             try:
                 from ..curvature import PerExampleSquaredGradients
                 self._sq = PerExampleSquaredGradients(var_model, self._diag_names).attach()
+                # a module re-run through torch.func after the forward would not see a Linear
+                # layer's noise taken through its activations: those layers form M + Z
+                var_model._keep_activation_noise_out(self._sq.func_modules())
             except Exception as exc:  # noqa: BLE001 -- fall back to B * g^2, said in the log
                 logger.info("%s: per-example squared gradients unavailable (%s); the diagonal "
                             "part uses B * (minibatch gradient)^2", type(self).__name__, exc)
