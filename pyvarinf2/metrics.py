@@ -19,6 +19,7 @@ the Monte-Carlo average of the per-sample softmax), shape ``(n, k)``, and intege
   rank-based, ties counted one half, so it equals Mann-Whitney ``U / (n_in · n_out)``.
 """
 import math
+import numbers
 
 import numpy as np
 
@@ -31,21 +32,67 @@ def _np(x, dtype=np.float64):
     try:
         import torch
         if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().numpy()
+            x = x.detach().cpu()
+            if x.is_floating_point():     # bfloat16 has no numpy dtype
+                x = x.to(torch.float64)
+            x = x.numpy()
     except ImportError:  # pragma: no cover
         pass
     return np.asarray(x, dtype=dtype)
 
 
+def _eps(x):
+    """Machine epsilon of ``x``'s floating dtype (torch or numpy), float32's otherwise."""
+    dtype = getattr(x, "dtype", None)
+    try:
+        import torch
+        if isinstance(dtype, torch.dtype):
+            return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        return float(np.finfo(dtype).eps)
+    except (TypeError, ValueError):
+        return float(np.finfo(np.float32).eps)
+
+
+def _check_probabilities(p, name="probs", eps=0.0):
+    """Finite, non-negative rows summing to 1 (last axis) up to the rounding of the input's
+    dtype (``eps``): not logits or log-probabilities."""
+    if not np.isfinite(p).all():
+        raise ValueError(f"{name} must be finite, got NaN or inf")
+    tol = max(1e-3, 4 * eps * (p.shape[-1] if p.ndim else 1))
+    if p.size and (p.min() < 0 or np.abs(p.sum(-1) - 1.0).max() > tol):
+        raise ValueError(f"{name} must be probabilities (entries >= 0, each row summing to 1), "
+                         f"got entries in [{p.min():.3g}, {p.max():.3g}] and row sums up to "
+                         f"{np.abs(p.sum(-1) - 1.0).max() + 1:.3g}: logits or "
+                         "log-probabilities? Apply softmax (or exp) first")
+
+
+def _labels(labels):
+    if hasattr(labels, "detach"):
+        t = labels.detach().cpu()
+        raw = (t.double() if t.is_floating_point() else t).numpy()
+    else:
+        raw = np.asarray(labels)
+    if raw.dtype == np.bool_:
+        raise ValueError("labels must be class indices, got booleans")
+    if np.issubdtype(raw.dtype, np.floating) and not np.array_equal(raw, np.round(raw)):
+        raise ValueError("labels must be integer class indices, got non-integer values "
+                         f"such as {raw[raw != np.round(raw)].ravel()[0]!r}")
+    return np.asarray(raw, dtype=np.int64)
+
+
 def _probs_labels(probs, labels):
     p = _np(probs)
-    y = _np(labels, dtype=np.int64)
+    y = _labels(labels)
     if p.ndim != 2:
         raise ValueError(f"probs must have shape (n, n_classes), got {p.shape}")
     if y.shape != (p.shape[0],):
         raise ValueError(f"labels must have shape ({p.shape[0]},), got {y.shape}")
     if p.shape[0] == 0:
         raise ValueError("no examples (n = 0)")
+    _check_probabilities(p, eps=_eps(probs))
     if y.min() < 0 or y.max() >= p.shape[1]:
         raise ValueError(f"labels must lie in 0..{p.shape[1] - 1}, got range "
                          f"{y.min()}..{y.max()}")
@@ -67,7 +114,7 @@ def nll(probs, labels, eps=1e-12):
 def calibration_bins(probs, labels, n_bins=15):
     """Per-bin ``(confidence, accuracy, count)`` arrays for equal-width confidence bins;
     empty bins have confidence and accuracy NaN."""
-    if not isinstance(n_bins, int) or n_bins < 1:
+    if not isinstance(n_bins, numbers.Integral) or isinstance(n_bins, bool) or n_bins < 1:
         raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
     p, y = _probs_labels(probs, labels)
     conf = p.max(1)
@@ -110,6 +157,8 @@ def rmse(predictions, targets):
     if a.shape != b.shape or a.size == 0:
         raise ValueError(f"predictions and targets must have the same non-zero size, got "
                          f"{a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("predictions and targets must be finite, got NaN or inf")
     return float(np.sqrt(((a - b) ** 2).mean()))
 
 
@@ -121,6 +170,8 @@ def gaussian_log_likelihood(targets, means, stds):
     1-D ``stds`` of length n is per example; one std per sample must be passed as ``(S, 1)``
     (a 1-D ``(S,)`` would be read per example whenever S equals n)."""
     y = _np(targets).ravel()
+    if y.size == 0:
+        raise ValueError("no examples (targets is empty)")
     mu = _np(means)
     if mu.ndim == 1:
         mu = mu[None, :]
@@ -134,6 +185,8 @@ def gaussian_log_likelihood(targets, means, stds):
     except ValueError:
         raise ValueError(f"stds of shape {_np(stds).shape} do not broadcast to means "
                          f"{mu.shape}") from None
+    if not (np.isfinite(y).all() and np.isfinite(mu).all() and np.isfinite(sd).all()):
+        raise ValueError("targets, means and stds must be finite, got NaN or inf")
     if not (sd > 0).all():
         raise ValueError("stds must be > 0")
     logp = -0.5 * ((y[None, :] - mu) / sd) ** 2 - np.log(sd) - 0.5 * math.log(2 * math.pi)
@@ -160,6 +213,7 @@ def ood_auroc(scores_in, scores_out):
 def predictive_entropy(probs, eps=1e-12):
     """Entropy ``-sum_k p_k log p_k`` of each row (nats), as a numpy array."""
     p = _np(probs)
+    _check_probabilities(p, eps=_eps(probs))
     return -(p * np.log(np.maximum(p, eps))).sum(-1)
 
 

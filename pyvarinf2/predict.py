@@ -95,6 +95,18 @@ def _check_sample_probs(sample_probs, dim):
     if not -sample_probs.dim() <= d < sample_probs.dim() or d in (0, -sample_probs.dim()):
         raise ValueError(f"dim={dim} is not a class dimension of per-sample outputs shaped "
                          f"{tuple(sample_probs.shape[1:])}")
+    if sample_probs.shape[0] == 0:
+        raise ValueError("sample_probs has no samples (its leading dimension is 0)")
+    if sample_probs.numel():
+        p = sample_probs.detach()
+        tol = max(1e-3, 4 * torch.finfo(p.dtype).eps * p.shape[d]) \
+            if p.is_floating_point() else 1e-3
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError("sample_probs must be finite, got NaN or inf")
+        if bool((p < 0).any()) or float((p.sum(d, dtype=torch.float64) - 1).abs().max()) > tol:
+            raise ValueError("sample_probs must be probabilities (entries >= 0, summing to 1 "
+                             f"along dim={dim}): logits or log-probabilities? Apply softmax "
+                             "(or exp) first")
     return d
 
 

@@ -167,3 +167,60 @@ def test_predictive_entropy():
 def test_bad_input_raises_value_error(call):
     with pytest.raises(ValueError):
         call()
+
+
+@pytest.mark.parametrize("name", ["accuracy", "nll", "ece", "brier_score"])
+@pytest.mark.parametrize("transform", [np.log, lambda p: 3.0 * np.log(p) + 1.0])
+def test_logits_and_log_probabilities_are_refused(name, transform):
+    # log p (or logits) scored as probabilities gave ECE 1.5, Brier 9.5, NLL 27.6
+    with pytest.raises(ValueError, match="softmax"):
+        getattr(metrics, name)(transform(PROBS), LABELS)
+    with pytest.raises(ValueError, match="softmax"):
+        metrics.predictive_entropy(transform(PROBS))
+
+
+def test_non_finite_inputs_are_refused():
+    bad = PROBS.copy()
+    bad[1, 0] = np.nan          # not the label's column: nll never read it, accuracy took it
+    for f in (metrics.accuracy, metrics.nll, metrics.ece, metrics.brier_score):
+        with pytest.raises(ValueError, match="finite"):
+            f(bad, LABELS)
+    with pytest.raises(ValueError, match="finite"):
+        metrics.rmse([1.0, np.nan], [1.0, 2.0])
+    with pytest.raises(ValueError, match="finite"):
+        metrics.gaussian_log_likelihood([1.0, np.nan], [1.0, 2.0], 1.0)
+    with pytest.raises(ValueError, match="no examples"):
+        metrics.gaussian_log_likelihood([], np.zeros((3, 0)), 1.0)
+
+
+def test_labels_must_be_integers():
+    with pytest.raises(ValueError, match="non-integer"):
+        metrics.accuracy(PROBS, [0.9, 1.7, 2.2])      # truncated to 0, 1, 2 before: accuracy 1
+    with pytest.raises(ValueError, match="booleans"):
+        metrics.accuracy(PROBS[:, :2] / PROBS[:, :2].sum(1, keepdims=True),
+                         np.array([True, False, True]))
+    exact = metrics.accuracy(PROBS, LABELS)
+    assert metrics.accuracy(PROBS, LABELS.astype(float)) == exact
+    assert metrics.accuracy(torch.tensor(PROBS), torch.tensor(LABELS, dtype=torch.float16)) \
+        == exact
+
+
+def test_bfloat16_and_numpy_integer_bins():
+    p = torch.tensor(PROBS, dtype=torch.bfloat16)
+    assert metrics.nll(p, LABELS) == pytest.approx(metrics.nll(PROBS, LABELS), abs=5e-3)
+    assert metrics.ece(PROBS, LABELS, n_bins=np.int64(10)) == metrics.ece(PROBS, LABELS, 10)
+    with pytest.raises(ValueError, match="n_bins"):
+        metrics.ece(PROBS, LABELS, n_bins=True)
+
+
+def test_sample_entropies_refuse_logits_and_no_samples():
+    from pyvarinf2 import predict
+    probs = torch.softmax(torch.randn(4, 5, 3), -1)
+    for f in (predict.predictive_entropy, predict.expected_entropy, predict.mutual_information):
+        f(probs)
+        with pytest.raises(ValueError, match="softmax"):
+            f(torch.log(probs))
+        with pytest.raises(ValueError, match="no samples"):
+            f(probs[:0])
+        with pytest.raises(ValueError, match="finite"):
+            f(torch.full_like(probs, float("nan")))
