@@ -216,8 +216,11 @@ def cmd_train(args, out=print):
     from . import experiments as ex
     cfg, where = _train_config(args)
     resolved = ex.resolve_config(cfg, where=where)
+    if args.resume and not args.output_dir:
+        raise ex.ConfigError("--resume needs --output-dir: the directory of the run to continue")
     output_dir = (pathlib.Path(args.output_dir) if args.output_dir
                   else ex.default_output_dir(resolved))
+    args.run_dir = output_dir           # for the message if the run is interrupted
     if args.threads is not None and args.threads < 1:
         raise ex.ConfigError(f"--threads must be >= 1, got {args.threads}")
     threads = torch.get_num_threads()
@@ -262,7 +265,7 @@ def cmd_evaluate(args, out=print):
     if args.samples is not None and args.samples < 1:
         raise ex.ConfigError(f"--samples must be >= 1, got {args.samples}")
     if not 0 <= args.seed <= ex.MAX_SEED:
-        raise ex.ConfigError(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
+        raise ex.ConfigError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
     exp, state, path, ood = ex.prepare_evaluation(args.checkpoint, data_dir=args.data_dir,
                                                   ood_dataset=args.ood_dataset,
                                                   device=args.device)
@@ -318,7 +321,17 @@ def main(argv=None):
         print(f"pyvarinf2 {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("pyvarinf2: interrupted; a run can be continued with --resume", file=sys.stderr)
+        run_dir = getattr(args, "run_dir", None)
+        if args.command == "regression-table":
+            hint = "; re-run the same command to continue (finished splits are kept)"
+        elif run_dir is not None and (pathlib.Path(run_dir) / "checkpoint.pt").is_file():
+            hint = f"; continue the run with --resume --output-dir {run_dir}"
+        elif run_dir is not None:
+            hint = (f"; no checkpoint was written yet in {run_dir}: start again there with "
+                    "--overwrite")
+        else:
+            hint = ""
+        print(f"pyvarinf2: interrupted{hint}", file=sys.stderr)
         return 130
     except FloatingPointError as exc:  # includes pyvarinf2.optim.NonFiniteError
         print(f"pyvarinf2 {args.command}: training diverged: {exc}", file=sys.stderr)

@@ -135,7 +135,8 @@ def load_config(path):
 
 
 #: seeds must fit torch's signed 64-bit generator seed
-MAX_SEED = 2 ** 63 - 1
+# torch's CPU generator keeps 32 bits of a seed: 2**32 + 5 would train the same model as 5
+MAX_SEED = 2 ** 32 - 1
 
 
 def _is_int(v):
@@ -199,7 +200,8 @@ def resolve_config(cfg, where="config"):
         _need(_is_int(out[key]) and out[key] >= 1, key, out[key], "an integer >= 1", where)
     for key in ("eval_samples", "seed", "split"):
         _need(_is_int(out[key]) and out[key] >= 0, key, out[key], "an integer >= 0", where)
-    _need(out["seed"] <= MAX_SEED, "seed", out["seed"], f"at most 2**63 - 1 ({MAX_SEED})", where)
+    _need(out["seed"] <= MAX_SEED, "seed", out["seed"],
+          f"at most 2**32 - 1 ({MAX_SEED}; torch's CPU generator keeps 32 bits of a seed)", where)
     for key in ("train_subset", "test_subset"):
         _need(out[key] is None or (_is_int(out[key]) and out[key] >= 1), key, out[key],
               "null or an integer >= 1", where)
@@ -511,6 +513,9 @@ class Experiment:
                 if self.noise is not None:
                     groups.append({"params": list(self.noise.parameters()),
                                    "lr": cfg["noise_lr"]})
+                for k in ("lr", "eps", "weight_decay"):
+                    if k in opt_kwargs and not _is_num(opt_kwargs[k]):
+                        raise ValueError(f"{k} must be a number, got {opt_kwargs[k]!r}")
                 if "betas" in opt_kwargs:
                     betas = opt_kwargs["betas"]
                     if not (isinstance(betas, (list, tuple)) and len(betas) == 2
@@ -661,6 +666,21 @@ class Experiment:
     def n_batches(self):
         return math.ceil(self.n_train / self.config["batch_size"])
 
+    def _check_finite_state(self, prior_term):
+        """After an epoch, before anything is evaluated or saved: the step after the last
+        batch's (finite) loss may still have left the model non-finite, or so large that its
+        prior term overflows."""
+        bad = [n for n, t in list(self.var_model.named_parameters())
+               + list(self.var_model.named_buffers())
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad or math.isinf(prior_term):
+            what = (f"the model's {bad[:3]}{' ...' if len(bad) > 3 else ''} became non-finite"
+                    if bad else f"the prior term overflowed ({prior_term})")
+            raise FloatingPointError(
+                f"epoch {self.epoch}: {what} in the last steps of the epoch; nothing of this "
+                "epoch was saved (the last checkpoint, if any, is intact); lower the learning "
+                "rate")
+
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
     def predict_regression(self, x, n_samples):
@@ -700,11 +720,19 @@ class Experiment:
         classification: accuracy, nll, ece, brier)."""
         if self.kind == "regression":
             means, stds = self.predict_regression(self.data.x_test, n_samples)
+            self._check_finite_predictions(means, stds)
             y = self.data.y_test_original.double()
             return {"rmse": metrics.rmse(means.mean(0), y),
                     "ll": metrics.gaussian_log_likelihood(y, means, stds)}
         probs, _ = self.predict_probs(self.data.x_test, n_samples)
+        self._check_finite_predictions(probs)
         return metrics.classification_metrics(probs, self.data.y_test)
+
+    def _check_finite_predictions(self, *tensors):
+        if not all(bool(torch.isfinite(torch.as_tensor(t)).all()) for t in tensors):
+            raise FloatingPointError(
+                f"after epoch {self.epoch} the model's test predictions are non-finite (the "
+                "weights or their samples overflowed); lower the learning rate")
 
     # ------------------------------------------------------------------ loop
     def fit(self, epochs=None, progress=False, on_epoch_end=None):
@@ -729,6 +757,7 @@ class Experiment:
                     inner = None
                 row = {"epoch": self.epoch, "train_nll": train_nll,
                        "prior_term": self.prior_term(), "seconds": time.perf_counter() - t0}
+                self._check_finite_state(row["prior_term"])
                 row["train_loss"] = train_nll + row["prior_term"]
                 if self.config["eval_samples"] > 0:
                     # on a forked random stream: watching the test metrics must not change
@@ -780,7 +809,7 @@ class Experiment:
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "history": self.history,
             "rng": rng,
-            "data_dir": str(self.data_dir),
+            "data_dir": str(pathlib.Path(self.data_dir).resolve()),
             "n_train": self.n_train,
             "normalisation": ({"y_mean": self.data.y_mean, "y_std": self.data.y_std}
                               if self.kind == "regression" else None),
@@ -843,12 +872,13 @@ def _write_history_csv(history, path):
     os.replace(tmp, path)
 
 
-def _tensorboard_writer(out_dir):
+def _tensorboard_writer(out_dir, purge_step=None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard not installed: CSV only
         return None
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+    # a resumed run rewrites the epochs after its checkpoint: drop their old events
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge_step)
 
 
 def load_checkpoint(path):
@@ -921,7 +951,8 @@ def prepare_run(config, output_dir, data_dir=None, resume=False, overwrite=False
             exp.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as exc:
             raise ConfigError(f"cannot resume from {ckpt_path}: {exc}") from None
-        if exp.epoch >= exp.config["epochs"]:
+        finished = (output_dir / FINAL_JSON).is_file()
+        if exp.epoch > exp.config["epochs"] or (exp.epoch == exp.config["epochs"] and finished):
             raise ConfigError(f"--resume: the run in {output_dir} already has "
                               f"{exp.epoch} epochs (config epochs = {exp.config['epochs']}); "
                               "pass a larger --epochs to train further")
@@ -939,7 +970,7 @@ def train_run(exp, output_dir, progress=True, overwrite=False, log=print):
             shutil.rmtree(output_dir / name, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(output_dir / "config.json", json.dumps(exp.config, indent=2) + "\n")
-    writer = _tensorboard_writer(output_dir)
+    writer = _tensorboard_writer(output_dir, purge_step=exp.epoch + 1 if exp.epoch else None)
     every = exp.config["checkpoint_every"]
     total = exp.config["epochs"]
 
@@ -988,6 +1019,10 @@ def prepare_evaluation(checkpoint, data_dir=None, ood_dataset="auto", device=Non
     except (RuntimeError, KeyError, ValueError) as exc:
         raise ConfigError(f"checkpoint {path} does not fit its own config: {exc}") from None
     ood = None
+    if exp.kind != "classification" and ood_dataset not in ("auto", None, "none"):
+        raise ConfigError(f"--ood-dataset {ood_dataset!r}: checkpoint {path} is a regression "
+                          f"run ({config['dataset']}); out-of-distribution detection is for "
+                          "the image classifiers")
     if exp.kind == "classification":
         if ood_dataset == "auto":
             ood_dataset = OOD_PARTNER.get(config["dataset"])

@@ -87,6 +87,7 @@ def _bad_configs(tmp_path):
     (tmp_path / "optimizer_text.json").write_text('{"optimizer": "adam"}')
     (tmp_path / "activation_list.json").write_text('{"model": {"activation": ["relu"]}}')
     (tmp_path / "afile").write_text("a file, not a directory")
+    (tmp_path / "adam_eps.json").write_text('{"method": "map", "optimizer": {"eps": "x"}}')
     return tmp_path
 
 
@@ -113,9 +114,10 @@ BAD = [
     (["--config", "{tmp}/optimizer_text.json"], ["'optimizer' must be an object", "'adam'"]),
     (["--config", "{tmp}/activation_list.json"], ["model.activation", "['relu']"]),
     (["--method", "map", "--opt", "betas=[0.9]"], ["betas must be two numbers", "[0.9]"]),
-    (["--seed", str(2 ** 64)], ["'seed'", "2**63 - 1"]),
+    (["--seed", str(2 ** 32)], ["'seed'", "2**32 - 1"]),
     (["--resume", "--overwrite"], ["contradict"]),
     (["-o", "{tmp}/afile/sub"], ["afile exists and is not a directory"]),
+    (["--config", "{tmp}/adam_eps.json"], ["eps must be a number", "'x'"]),
 ]
 
 
@@ -153,9 +155,9 @@ def test_missing_optimizer_module_is_bad_input(tmp_path, capsys, monkeypatch):
 def test_other_commands_bad_input(tmp_path, capsys):
     rc, _, err = _run(["evaluate", tmp_path / "nothing"], capsys)
     assert rc == 2 and "checkpoint not found" in err and str(tmp_path / "nothing") in err
-    for seed in (-1, 2 ** 64):
+    for seed in (-1, 2 ** 32):
         rc, _, err = _run(["evaluate", tmp_path / "nothing", "--seed", seed], capsys)
-        assert rc == 2 and "--seed must be in [0, 2**63 - 1]" in err
+        assert rc == 2 and "--seed must be in [0, 2**32 - 1]" in err
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     rc, _, err = _run(["evaluate", tmp_path / "junk.pt", "-o", tmp_path / "ev"], capsys)
     assert rc == 2 and "cannot read checkpoint" in err and not (tmp_path / "ev").exists()
@@ -475,7 +477,7 @@ def test_metrics_go_to_tensorboard_when_available(tmp_path, capsys, monkeypatch)
         def close(self):
             calls.append("closed")
 
-    monkeypatch.setattr(ex, "_tensorboard_writer", lambda out_dir: Recorder())
+    monkeypatch.setattr(ex, "_tensorboard_writer", lambda out_dir, **kw: Recorder())
     rc, _, err = _run(["train", "-o", tmp_path / "r", "--epochs", "2"] + TINY, capsys)
     assert rc == 0, err
     with open(tmp_path / "r" / "metrics.csv") as fh:
@@ -680,3 +682,115 @@ def test_resume_finds_the_data_where_the_run_was_trained(tmp_path, capsys, data_
     assert rc == 0, err
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["data_dir"] == str(mine)
+
+
+# ------------------------------------------------------------------------------ review fixes
+def _checkpoint_config(tmp_path, every=1):
+    path = tmp_path / "every.json"
+    path.write_text(json.dumps({"checkpoint_every": every}))
+    return ["--config", path]
+
+
+def _explode_at(monkeypatch, epoch, exc=None):
+    """Make the step after the last loss of epoch ``epoch`` blow the weights up (``exc``:
+    raise it at the start of that epoch instead)."""
+    original = ex.Experiment.train_epoch
+
+    def train_epoch(self, progress=None):
+        if exc is not None and self.epoch + 1 == epoch:
+            raise exc
+        nll = original(self, progress)
+        if exc is None and self.epoch == epoch:
+            with torch.no_grad():
+                next(self.var_model.parameters()).fill_(float("inf"))
+        return nll
+
+    monkeypatch.setattr(ex.Experiment, "train_epoch", train_epoch)
+
+
+def test_a_blow_up_at_the_end_of_an_epoch_saves_nothing_of_it(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    argv = ["train", "-o", out, "--epochs", "3"] + TINY + _checkpoint_config(tmp_path)
+    with monkeypatch.context() as m:
+        _explode_at(m, 2)
+        rc, _, err = _run(argv, capsys)
+    assert rc == 1 and "epoch 2" in err and "became non-finite" in err, err
+    state, _ = ex.load_checkpoint(out / "checkpoint.pt")
+    assert state["epoch"] == 1                      # epoch 1's checkpoint, not the broken one
+    with open(out / "metrics.csv") as fh:
+        assert [r["epoch"] for r in csv.DictReader(fh)] == ["1"]
+    assert not (out / "final_metrics.json").exists()
+    rc, _, err = _run(argv + ["--resume"], capsys)  # and the run goes on from it
+    assert rc == 0, err
+    # a real blow-up (lr 1e30, one batch per epoch): stopped, nothing saved, no traceback
+    rc, _, err = _run(["train", "-o", tmp_path / "b", "--epochs", "2", "--method", "map",
+                       "--lr", "1e30", "--no-progress", "--train-subset", "60",
+                       "--batch-size", "1000", "--eval-samples", "2", "--test-samples", "5"],
+                      capsys)
+    assert rc == 1 and "training diverged" in err and "lower the learning rate" in err, err
+    assert not (tmp_path / "b" / "checkpoint.pt").exists()
+
+
+def test_interrupt_message_and_a_run_interrupted_in_its_final_evaluation(tmp_path, capsys,
+                                                                         monkeypatch):
+    out = tmp_path / "r"
+    argv = ["train", "-o", out, "--epochs", "2"] + TINY
+    with monkeypatch.context() as m:
+        _explode_at(m, 1, KeyboardInterrupt())
+        rc, _, err = _run(argv + _checkpoint_config(tmp_path), capsys)
+    assert rc == 130 and "no checkpoint was written yet" in err and "--overwrite" in err
+    with monkeypatch.context() as m:
+        _explode_at(m, 2, KeyboardInterrupt())
+        rc, _, err = _run(argv + _checkpoint_config(tmp_path) + ["--overwrite"], capsys)
+    assert rc == 130 and f"--resume --output-dir {out}" in err
+    # killed during the final evaluation: the checkpoint is at the last epoch, no final
+    # metrics; --resume runs just that evaluation, with the same numbers as a straight run
+    rc, _, err = _run(argv + ["-o", tmp_path / "straight"], capsys)
+    assert rc == 0, err
+    straight = json.loads((tmp_path / "straight" / "final_metrics.json").read_text())
+    (tmp_path / "straight" / "final_metrics.json").unlink()
+    rc, _, err = _run(argv + ["-o", tmp_path / "straight", "--resume"], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "straight" / "final_metrics.json").read_text()) == straight
+    rc, _, err = _run(argv + ["-o", tmp_path / "straight", "--resume"], capsys)
+    assert rc == 2 and "already has 2 epochs" in err
+
+
+def test_resume_rewrites_tensorboard_events_after_the_checkpoint(tmp_path, capsys,
+                                                                 monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "r"
+    argv = ["train", "-o", out, "--epochs", "4"] + TINY + _checkpoint_config(tmp_path, 2)
+    with monkeypatch.context() as m:        # epochs 1-3 logged, checkpoint after epoch 2
+        _explode_at(m, 4, KeyboardInterrupt())
+        assert _run(argv, capsys)[0] == 130
+    rc, _, err = _run(argv + ["--resume"], capsys)
+    assert rc == 0, err
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    with open(out / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    steps = [e.step for e in acc.Scalars("train_nll")]
+    assert sorted(steps) == [1, 2, 3, 4], steps       # epoch 3 once, not twice
+    for e in acc.Scalars("train_nll"):
+        assert e.value == pytest.approx(float(rows[e.step - 1]["train_nll"]), rel=1e-6)
+
+
+def test_checkpoint_records_an_absolute_data_dir(tmp_path, capsys, monkeypatch):
+    data = ex.data_mod.resolve_data_dir(None)
+    monkeypatch.chdir(tmp_path)
+    rel = os.path.relpath(data, tmp_path)
+    rc, _, err = _run(["train", "-o", "r", "--epochs", "1", "--dataset", "yacht",
+                       "--data-dir", rel] + TINY, capsys)
+    assert rc == 0, err
+    state, _ = ex.load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    assert pathlib.Path(state["data_dir"]).is_absolute()
+    assert pathlib.Path(state["data_dir"]) == pathlib.Path(data).resolve()
+    monkeypatch.chdir(tmp_path.parent)               # evaluate from elsewhere
+    rc, _, err = _run(["evaluate", tmp_path / "r", "-o", tmp_path / "ev"], capsys)
+    assert rc == 0, err
+    rc, _, err = _run(["evaluate", tmp_path / "r", "-o", tmp_path / "ev2", "--ood-dataset",
+                       "mnist"], capsys)
+    assert rc == 2 and "regression run" in err and not (tmp_path / "ev2").exists()
+    rc, _, err = _run(["train", "--resume"] + TINY, capsys)
+    assert rc == 2 and "--resume needs --output-dir" in err
