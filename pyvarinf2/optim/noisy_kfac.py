@@ -74,6 +74,7 @@ from ..kfac import KFACCapture, kfac_factors
 from ..kronecker import (KroneckerPosterior, check_matmul_dtype, matmul_chain,
                          use_kronecker_posteriors)
 from ..posteriors import MeanFieldPosterior
+from ..priors import GaussianPrior
 from ._base import (NonFiniteError, VariationalOptimizer, check_beta, check_betas,
                     check_nonnegative, check_positive, check_positive_int)
 
@@ -339,10 +340,20 @@ class NoisyKFAC(VariationalOptimizer):
         if m > 1:
             grads = {p: v / m for p, v in grads.items()}
             prior_grads = {p: v / m for p, v in prior_grads.items()}
-        for p in at_mean:
-            prior_grads[p] = self.prior_grad(p, p)
         prior_terms = {p: lam_n[p] * v for p, v in prior_grads.items()}
+        for p in at_mean:
+            prior_terms[p] = self._prior_term_at_mean(p, lam_n[p])
         return loss, grads, prior_terms
+
+    def _prior_term_at_mean(self, p, scale):
+        """``scale · (−∇ log p)`` at the mean; for a N(m, s²) prior ``scale (μ − m) / s²`` in
+        one pass."""
+        prior = self.prior_of(p)
+        if type(prior) is GaussianPrior:     # (a subclass may redefine its gradient)
+            s = prior.resolve_std(p)
+            c = scale / (s * s)
+            return p.detach() * c if prior.mean == 0.0 else (p.detach() - prior.mean) * c
+        return scale * self.prior_grad(p, p)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -411,11 +422,10 @@ class NoisyKFAC(VariationalOptimizer):
                     buf = delta if buf is None else buf * g["momentum"] + delta
                     states.setdefault(w, {})["momentum_buffer"] = buf
                     delta = buf
-                new = post.matrix([w, b] if b is not None else [w]) - g["lr"] * delta
-                parts = post.split(new)
-                means[w] = parts[0]
+                parts = post.split(delta)
+                means[w] = torch.add(w, parts[0], alpha=-g["lr"])
                 if b is not None:
-                    means[b] = parts[1]
+                    means[b] = torch.add(b, parts[1], alpha=-g["lr"])
         stddevs = self._diagonal_step(grads, prior_terms, means, states)
         self.commit(k, means=means, states=states, posterior_states=post_states,
                     stddevs=stddevs)
@@ -531,8 +541,8 @@ class NoisyKFAC(VariationalOptimizer):
         gb = grads.get(b) if b is not None else None
         if b is not None and gb is None:
             gb = torch.zeros_like(b)
-        v = post.matrix([gw] + ([gb] if b is not None else []))
-        v = v + post.matrix([prior_terms[w]] + ([prior_terms[b]] if b is not None else []))
+        v = post.matrix([gw + prior_terms[w]]
+                        + ([gb + prior_terms[b]] if b is not None else []))
         if pi_split and has_factors:
             delta = matmul_chain(new.get("inverse_S", st.get("inverse_S")), v,
                                  new.get("inverse_A", st.get("inverse_A")),
