@@ -123,7 +123,8 @@ def main(argv=None):
              "(original units; standard error = sample std with ddof=1 over √n, for the "
              "MC-dropout columns too, whose own logs use ddof=0: theirs are √(n/(n−1)) smaller, "
              "×0.97 for 20 splits); `n` = finished / planned splits; the MC-dropout columns "
-             "average the same splits as the row.", "",
+             "average the same splits as the row (all the planned splits when the row has "
+             "none yet).", "",
              "| dataset | method | n | RMSE | test LL | MC dropout RMSE | MC dropout LL | "
              "noisy K-FAC, Zhang et al. 2018 (RMSE / LL) | LL ceiling, Gamma(6, 6) noise |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -32,8 +32,10 @@ class NoisyAdam(DiagonalVariationalOptimizer):
     near the prior for ~1/(1 - β2) steps and the first mean steps, damped by γ_in alone, are
     large (for a bias with a N(0, 1) prior and N = 10⁴, γ_in = 10⁻⁴). With
     ``fisher_bias_correction=True`` (default) f̂ is Adam's bias-corrected average instead; on
-    the 784-200-10 MNIST MLP (3 epochs of 10k images) that is the difference between 64% and
-    84% test accuracy at λ = 1. ``False`` gives the paper's update. The Gaussian prior's
+    the 784-200-10 MNIST MLP (3 epochs of 10k images, batch 100, seed 0, λ = 1, the other
+    defaults, test accuracy of the posterior mean) that is 92.0% against 26.8% with a N(0, 1)
+    prior, and 87.5% against 86.2% with the default fan-in prior. ``False`` gives the paper's
+    update. The Gaussian prior's
     gradient is taken at the mean μ (the expectation of the paper's γ_in θ over the sample);
     other priors enter as described in :mod:`pyvarinf2.optim._diagonal`.
 
