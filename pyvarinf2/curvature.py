@@ -440,7 +440,7 @@ class PerExampleSquaredGradients:
         def grad_hook(grad):
             if group.done or call.grads is None:
                 return None
-            call.grads[k] = grad.detach()
+            call.grads[k] = None if grad is None else grad.detach()
             call.pending -= 1
             if call.pending == 0 and all(c.pending == 0 for c in group.calls):
                 self._process(group)
@@ -626,6 +626,16 @@ class PerExampleSquaredGradients:
     def _per_example_func(self, mod, local, call, grads):
         """torch.func: vmap over the examples of the vjp of the module's own forward, at the
         captured input and the tensors (sampled weights, buffers) the forward saw."""
+        # oneDNN's CPU RNN kernels (float32) have no usable backward under torch.func (its
+        # flags() context manager warns about TF32 on every call: the plain switch instead)
+        previous = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(False)
+        try:
+            return self._per_example_func_impl(mod, local, call, grads)
+        finally:
+            torch._C._set_mkldnn_enabled(previous)
+
+    def _per_example_func_impl(self, mod, local, call, grads):
         from torch.func import functional_call, vjp, vmap
 
         batch_stats = [n for n, m in mod.named_modules()

@@ -279,9 +279,11 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
         curvature of that loss either. Warns once, naming the parameters (an edit of ``.grad``
         between backward and step, such as gradient clipping, also shows here and is then
         expected)."""
-        self._collector.verify = False
+        # (verify stays on while gradient_mismatch flushes the groups still open: a module
+        # with an output that got no gradient, such as an unused h_n or attention weights)
         bad = self._collector.gradient_mismatch({self.name_of(p): p.grad for p in params
                                                  if bool(p.grad.any())})
+        self._collector.verify = False
         if bad:
             names = ", ".join(f"{n} (relative difference {r:.2g})" for n, r in bad[:5])
             warnings.warn(
