@@ -454,12 +454,20 @@ class VariationalModel(nn.Module):
             scales = self.scale_parameters()
             if scales and not any(p.requires_grad for p in scales):
                 self.__dict__["_warned_frozen_scales"] = True
-                warnings.warn(
-                    "prior_loss(): the posterior scales of this model do not require grad (a "
-                    "natural-gradient optimizer switches them off when it is built, since it "
-                    "sets them itself), so a gradient-based optimizer will not train them. For "
-                    "Bayes-by-backprop call var_model.scales_require_grad_(True) first.",
-                    UserWarning, stacklevel=2)
+                if self.record_noise:
+                    message = (
+                        "prior_loss() with gradients enabled while a natural-gradient optimizer "
+                        "drives this model: that optimizer adds the prior itself, so "
+                        "prior_loss()/N in the loss counts the prior twice. Give it the plain "
+                        "mean loss, and call prior_loss() under torch.no_grad() to log the KL. "
+                        "(For Bayes-by-backprop, build no natural-gradient optimizer on the "
+                        "model and call var_model.scales_require_grad_(True).)")
+                else:
+                    message = (
+                        "prior_loss(): the posterior scales of this model do not require grad, "
+                        "so a gradient-based optimizer will not train them. For "
+                        "Bayes-by-backprop call var_model.scales_require_grad_(True) first.")
+                warnings.warn(message, UserWarning, stacklevel=2)
         total = None
         fast = ([], [], [], [])  # means, log stds, prior stds, prior means
         fused = not _functorch_active()
@@ -582,6 +590,11 @@ class VariationalModel(nn.Module):
             self._sample_override = previous
 
     def forward(self, *args, **kwargs):
+        if self.record_noise and torch.is_grad_enabled() and not _functorch_active():
+            # an optimizer that reads the noise checks, at its step, that the forwards with
+            # gradient since its last step drew weights (and how many)
+            key = "_fwd_sampled" if self.is_sampling() else "_fwd_mean"
+            self.__dict__[key] = self.__dict__.get(key, 0) + 1
         if not self.is_sampling():
             return self.model(*args, **kwargs)
         if self.training and self.__dict__.get("local_reparameterization") \

@@ -6,6 +6,7 @@ import gc
 import gzip
 import math
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -814,7 +815,8 @@ def test_switching_back_to_bayes_by_backprop_warns_about_frozen_scales(cls):
     assert not any(p.requires_grad for p in vm.scale_parameters())
     with torch.no_grad():                      # evaluating the KL is fine
         vm.prior_loss()
-    with pytest.warns(UserWarning, match="scales_require_grad_"):
+    # (the usual mistake with such an optimizer: prior_loss()/N added to its loss)
+    with pytest.warns(UserWarning, match="counts the prior twice.*scales_require_grad_"):
         vm.prior_loss()
     vm.scales_require_grad_(True)
     import warnings
@@ -968,3 +970,99 @@ def test_add_param_group_refuses_foreign_tensors_and_bad_settings(cls):
         with pytest.raises(ValueError, match=needle):
             opt.add_param_group(group)
     assert len(opt.param_groups) == n_groups
+
+
+@pytest.mark.parametrize("name", ["NoisyAdam", "VOGN", "IVON", "NoisyKFAC"])
+def test_a_step_after_a_forward_at_the_means_raises_and_changes_nothing(name):
+    # vm.eval() left on by mistake: the gradient is at the means and the noise record is the
+    # previous step's; IVON's curvature from it was off by orders of magnitude, silently
+    torch.manual_seed(0)
+    x = torch.randn(64, 5)
+    y = x @ torch.ones(5) + 0.1 * torch.randn(64)
+    vm = pyvarinf2.variationalize(nn.Linear(5, 1))
+    opt = getattr(pyvarinf2.optim, name)(vm, dataset_size=64)
+
+    def loss():
+        return F.mse_loss(vm(x).squeeze(-1), y)
+
+    opt.zero_grad()
+    loss().backward()
+    opt.step()
+    vm.eval()
+    opt.zero_grad()
+    loss().backward()
+    before = {k: v.clone() for k, v in vm.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(RuntimeError, match="posterior means"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="posterior means"):
+        opt.step(lambda: (opt.zero_grad(), loss().backward(), loss())[-1])
+    assert all(torch.equal(v, vm.state_dict()[k]) for k, v in before.items())
+    # the usual pattern: train forward, backward, an evaluation under no_grad, then the step
+    vm.train()
+    opt.zero_grad()
+    loss().backward()
+    vm.eval()
+    with torch.no_grad():
+        vm(x)
+    vm.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert not all(torch.equal(v, vm.state_dict()[k]) for k, v in before.items())
+
+
+def test_ivon_warns_when_several_sampling_forwards_share_one_step():
+    torch.manual_seed(0)
+    x = torch.randn(64, 5)
+    y = x @ torch.ones(5)
+    vm = pyvarinf2.variationalize(nn.Linear(5, 1))
+    opt = pyvarinf2.optim.IVON(vm, lr=0.1, dataset_size=64)
+    opt.zero_grad()
+    for part in (slice(0, 32), slice(32, 64)):        # micro-batches, one weight sample each
+        F.mse_loss(vm(x[part]).squeeze(-1), y[part]).backward()
+    with pytest.warns(UserWarning, match="2 sampling forwards"):
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["NoisyAdam", "VOGN", "IVON", "NoisyKFAC", "NoisyEKFAC"])
+def test_moving_the_model_after_building_the_optimizer_is_a_resume_in_the_new_dtype(name):
+    # var_model.double() after the optimizer was built used to fail at the next step
+    # ("expected dtype float ... but got double"): the state now follows the parameters, as
+    # a checkpoint loaded into the moved model would (up to where the rounding happens)
+    def build():
+        torch.manual_seed(0)
+        vm = pyvarinf2.variationalize(nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2)))
+        return vm, getattr(pyvarinf2.optim, name)(vm, dataset_size=50, lr=0.05)
+
+    x, y = torch.randn(10, 5), torch.randint(0, 2, (10,))
+
+    def train(vm, opt, steps, seed):
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(vm(x.to(next(vm.parameters()).dtype)), y).backward()
+            opt.step()
+
+    moved, opt = build()
+    moved.double()                       # before any step: the state was built in float32
+    train(moved, opt, 2, 1)
+    moved.float()                        # and back, mid-training
+    train(moved, opt, 1, 2)
+    moved.double()
+    train(moved, opt, 2, 3)
+    assert all(v.dtype == torch.float64 for st in opt.state.values() for v in st.values()
+               if torch.is_tensor(v) and v.is_floating_point())
+
+    ref, ref_opt = build()
+    ref.double()
+    ref_opt.load_state_dict(ref_opt.state_dict())
+    train(ref, ref_opt, 2, 1)
+    ref.float()
+    ref_opt.load_state_dict(ref_opt.state_dict())
+    train(ref, ref_opt, 1, 2)
+    ref.double()
+    ref_opt.load_state_dict(ref_opt.state_dict())
+    train(ref, ref_opt, 2, 3)
+    for k, v in ref.state_dict().items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            torch.testing.assert_close(moved.state_dict()[k], v, rtol=1e-4, atol=1e-6, msg=k)

@@ -24,6 +24,7 @@ Conventions (every optimizer in :mod:`pyvarinf2.optim` follows them):
 """
 import math
 import numbers
+import warnings
 
 import torch
 
@@ -109,6 +110,7 @@ class VariationalOptimizer(torch.optim.Optimizer):
                 self._posteriors[n] = (key, post)
         var_model.record_noise = True
         var_model.scales_require_grad_(False)
+        self._follow_params()       # the parameters' dtypes and devices, to see them change
 
     def add_param_group(self, param_group):
         """torch.optim's, plus checks once the optimizer is built: the parameters must be
@@ -190,17 +192,92 @@ class VariationalOptimizer(torch.optim.Optimizer):
             if isinstance(self.posterior_of(p), MeanFieldPosterior):
                 yield p
 
+    def zero_grad(self, set_to_none=True):
+        super().zero_grad(set_to_none=set_to_none)
+        self._take_forward_counts()
+
+    def _follow_params(self):
+        """After the model moved (``var_model.double()``, ``.to('cuda')``) since the last step,
+        bring the optimizer's state along: each floating tensor to its parameter's dtype and
+        device, the others to its device (torch.optim's rule for ``load_state_dict``)."""
+        sig = [(p.dtype, p.device) for g in self.param_groups for p in g["params"]]
+        previous = self.__dict__.get("_param_signature")
+        self.__dict__["_param_signature"] = sig
+        if previous is None or previous == sig:
+            return
+        for p, st in self.state.items():
+            for k, v in list(st.items()):
+                if torch.is_tensor(v):
+                    st[k] = v.to(device=p.device, dtype=p.dtype if v.is_floating_point()
+                                 else v.dtype)
+        self._state_moved()
+
+    def _state_moved(self):
+        """The state tensors were replaced by :meth:`_follow_params`: caches keyed on the
+        state are stale."""
+        self._state_epoch += 1
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)    # casts the state to each parameter's dtype
+        self.__dict__["_param_signature"] = [(p.dtype, p.device) for g in self.param_groups
+                                             for p in g["params"]]
+
+    def _take_forward_counts(self):
+        """``(sampling forwards, forwards at the means)`` with gradient since the last call."""
+        d = self.var_model.__dict__
+        return d.pop("_fwd_sampled", 0), d.pop("_fwd_mean", 0)
+
+    def check_forwards(self, closure=None):
+        """At a step from the last backward (``closure=None``): the forwards with gradient
+        since the last step (or ``zero_grad``) must have drawn weights, which the step's
+        gradient, curvature and noise all refer to. A forward at the posterior means (the
+        model in evaluation mode, ``sampling(False)``) raises before anything changes; several
+        sampling forwards warn for an optimizer whose curvature reads the noise of the last one
+        (IVON). Subclasses call it first thing in ``step``."""
+        self._follow_params()
+        sampled, at_mean = self._take_forward_counts()
+        if closure is not None:
+            return
+        name = type(self).__name__
+        if sampled == 0 and at_mean > 0:
+            raise RuntimeError(
+                f"{name}.step: the forward(s) since the last step ran the model at its "
+                "posterior means (evaluation mode, or var_model.sampling(False)), not at a "
+                "weight sample, which the natural-gradient step needs; nothing was changed. "
+                "Call var_model.train() before the training forward (and use torch.no_grad() "
+                "for evaluation between backward and step).")
+        if sampled > 1 and getattr(self, "needs_noise", False):
+            warnings.warn(
+                f"{name}.step: {sampled} sampling forwards since the last step, each with its "
+                "own weight sample; the curvature estimate reads the noise of the last one "
+                "only, which the accumulated gradient does not match. For several samples (or "
+                "micro-batches) per step use step(closure) with mc_samples, one forward per "
+                "closure call.", UserWarning, stacklevel=3)
+
+    def _call_closure(self, closure):
+        """One call of a step's closure (with gradient), checked: it must return the loss and
+        run the model at a weight sample."""
+        self._take_forward_counts()
+        with torch.enable_grad():
+            loss = closure()
+        if loss is None:
+            raise TypeError(f"{type(self).__name__}.step(closure): the closure must return "
+                            "the loss (it returned None)")
+        sampled, at_mean = self._take_forward_counts()
+        if sampled == 0 and at_mean > 0:
+            raise RuntimeError(
+                f"{type(self).__name__}.step(closure): the closure ran the model at its "
+                "posterior means (evaluation mode, or var_model.sampling(False)), not at a "
+                "weight sample; nothing was changed. Call var_model.train() first.")
+        return loss
+
     def run_closure(self, closure, accumulate):
         """Call ``closure`` ``mc_samples`` times; after each call ``accumulate(sample_index)``
         collects what the subclass needs (gradients, noise, curvature). Returns the mean loss."""
         m = self.defaults["mc_samples"]
         total = 0.0
         for i in range(m):
-            with torch.enable_grad():
-                loss = closure()
-            if loss is None:
-                raise TypeError(f"{type(self).__name__}.step(closure): the closure must return "
-                                "the loss (it returned None)")
+            loss = self._call_closure(closure)
             accumulate(i)
             total = total + (loss.detach() if torch.is_tensor(loss) else loss)
         return total / m

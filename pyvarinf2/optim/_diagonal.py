@@ -328,11 +328,7 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
         members = [None] * len(self.param_groups)
         total = 0.0
         for i in range(m):
-            with torch.enable_grad():
-                loss = closure()
-            if loss is None:
-                raise TypeError(f"{type(self).__name__}.step(closure): the closure must return "
-                                "the loss (it returned None)")
+            loss = self._call_closure(closure)
             total = total + (loss.detach() if torch.is_tensor(loss) else loss)
             sums = self._take_per_example()
             for gi, group in enumerate(self.param_groups):
@@ -386,6 +382,7 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
 
         with ĉ = c / (1 - β2^k) when bias-corrected, ν the ``kl_clip`` factor. Returns the
         closure's mean loss, if any."""
+        self.check_forwards(closure)
         key = self._curvature_key()
         collected, loss = self._collect(closure)
         pending = []

@@ -78,6 +78,10 @@ class IVON(DiagonalVariationalOptimizer):
         super().load_state_dict(state_dict)
         self._flat.clear()      # plans are keyed by param group, and the groups are new
 
+    def _state_moved(self):
+        super()._state_moved()
+        self._flat.clear()      # the flat buffers hold the old dtype/device
+
     @staticmethod
     def prior_std_for_weight_decay(weight_decay, dataset_size, kl_weight=1.0):
         """Standard deviation of the Gaussian prior that gives IVON's weight decay
@@ -120,6 +124,7 @@ class IVON(DiagonalVariationalOptimizer):
     def step(self, closure=None):
         """One update from the last backward (or from ``closure``, called ``mc_samples``
         times). Returns the closure's mean loss, if any."""
+        self.check_forwards(closure)
         if closure is None and self.flat_path and self._flat_step_from_grads():
             return None
         collected, loss = self._collect(closure)

@@ -360,6 +360,7 @@ class NoisyKFAC(VariationalOptimizer):
     def step(self, closure=None):
         """One noisy natural-gradient step; returns the closure's mean loss (or ``None``)."""
         try:
+            self.check_forwards(closure)
             return self._step(closure)
         finally:  # per-step captures are spent, whether the step succeeded or not
             if self._stats_pending:
