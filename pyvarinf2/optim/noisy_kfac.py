@@ -135,7 +135,7 @@ class NoisyKFAC(VariationalOptimizer):
             ``torch.bfloat16`` / ``'bfloat16'`` for the dense products of every step (the
             preconditioned mean step and the model's Kronecker samples; factor statistics and
             eigendecompositions stay in full precision). On the 2-core AVX512-BF16 CPU of
-            ``benchmarks/`` the amortised MLP step drops from 2.57x to 1.72x a NoisyAdam step
+            ``benchmarks/`` the amortised MLP step drops from 2.63x to 1.75x a NoisyAdam step
             (``kronecker_step.json``); each entry
             of the step and of the noise then carries ~0.4% relative rounding error
             (tested), far below the Monte-Carlo noise of one weight sample.
