@@ -218,7 +218,7 @@ class IVON(DiagonalVariationalOptimizer):
         # only where per-tensor overhead dominates: the concatenations cost ~5 passes over
         # the weights, which on the 784-400-400-10 MLP (80k weights a tensor) made the step
         # 2.37x a plain Adam step against 1.88x per tensor (a development measurement, one
-        # run; diagonal_step.json has today's per-tensor figure, 1.99x)
+        # run; diagonal_step.json has today's per-tensor figure, 1.97x)
         if sum(p.numel() for p in params) > self.flat_max_mean_size * len(params):
             return None
         p0 = params[0]
