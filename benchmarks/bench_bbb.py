@@ -42,7 +42,8 @@ def make_steps(name, device):
     var_model = pyvarinf2.variationalize(copy.deepcopy(model)).to(device)
     bbb_opt = torch.optim.Adam(var_model.parameters(), lr=1e-3)
     n = 60000
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = ((lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda"
+            else (lambda: None))
 
     def plain_step(it=batches()):
         x, y = next(it)

@@ -55,7 +55,8 @@ def make_steps(name, device, ivon_pkg=None):
     def batches():        # each contender cycles through the same batches
         return itertools.cycle(pool)
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = ((lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda"
+            else (lambda: None))
     loss_fn = F.cross_entropy if name == "mlp" else F.nll_loss
 
     plain = copy.deepcopy(model)

@@ -38,7 +38,8 @@ def make_blocks(name, device):
     # the README CNN returns log-probabilities, the MLP logits
     loss_fn = F.cross_entropy if name == "mlp" else F.nll_loss
     n = 60000
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = ((lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda"
+            else (lambda: None))
 
     def net():
         torch.manual_seed(0)

@@ -762,7 +762,9 @@ class Experiment:
                 if self.config["eval_samples"] > 0:
                     # on a forked random stream: watching the test metrics must not change
                     # the training run (the same seed trains the same model either way)
-                    cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+                    cuda = ([self.device.index if self.device.index is not None
+                             else torch.cuda.current_device()]
+                            if self.device.type == "cuda" else [])
                     with torch.random.fork_rng(devices=cuda):
                         monitored = self.test_metrics(self.config["eval_samples"])
                     for k, v in monitored.items():

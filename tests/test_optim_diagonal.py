@@ -1066,3 +1066,21 @@ def test_moving_the_model_after_building_the_optimizer_is_a_resume_in_the_new_dt
     for k, v in ref.state_dict().items():
         if torch.is_tensor(v) and v.is_floating_point():
             torch.testing.assert_close(moved.state_dict()[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_a_per_entry_prior_precision_follows_a_moved_model():
+    # cached as a tensor on the model's device/dtype when first used: a later .to('cuda')
+    # would have mixed devices in the step; the cache is rebuilt when the model moves
+    torch.manual_seed(0)
+    vm = pyvarinf2.variationalize(nn.Linear(3, 2))
+    vm.set_prior(torch.distributions.Normal(torch.zeros(2, 3), torch.rand(2, 3) + 0.5),
+                 parameters=["weight"])
+    opt = NoisyAdam(vm, dataset_size=10)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    for dtype in (torch.float32, torch.float64):
+        vm.to(dtype)
+        opt.zero_grad()
+        F.mse_loss(vm(x.to(dtype)), y.to(dtype)).backward()
+        opt.step()
+        cached = opt._prior_cache[vm.model.weight][1]
+        assert torch.is_tensor(cached) and cached.dtype == dtype

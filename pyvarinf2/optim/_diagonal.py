@@ -133,6 +133,10 @@ class DiagonalVariationalOptimizer(VariationalOptimizer):
         if self._collector is not None:
             self._collector.reset()
 
+    def _state_moved(self):
+        super()._state_moved()
+        self._prior_cache.clear()      # per-entry prior precisions on the old device/dtype
+
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         self._state_epoch += 1

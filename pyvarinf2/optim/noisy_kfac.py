@@ -510,10 +510,12 @@ class NoisyKFAC(VariationalOptimizer):
         gamma_in = lam / n_data * self._mean_prior_precision(layer, post, w, b)
         gamma = gamma_in + group["extrinsic_damping"]
         pi_split = scale is None and group["damping_mode"] == "pi"
-        pi = 1.0
-        if pi_split:
+
+        def split_pi():
+            # π² = (tr A / dim A) / (tr S / dim S); read (a device sync) only on the steps
+            # that rewrite the posterior or the damped inverses
             mean_a, mean_s = float(d_a.mean()), float(d_s.mean())
-            pi = math.sqrt(mean_a / mean_s) if mean_a > 0 and mean_s > 0 else 1.0
+            return math.sqrt(mean_a / mean_s) if mean_a > 0 and mean_s > 0 else 1.0
         # 5. posterior (rewritten when the basis, the scale or λ/N and γ_in changed: a
         # kl_weight or dataset_size changed in the param group takes effect at once)
         post_key = (lam / n_data, gamma_in)
@@ -523,6 +525,7 @@ class NoisyKFAC(VariationalOptimizer):
             if scale is not None:
                 d_in = scale + gamma_in
             elif pi_split:
+                pi = split_pi()
                 d_in = torch.outer(d_s + math.sqrt(gamma_in) / pi, d_a + pi * math.sqrt(gamma_in))
             else:
                 d_in = torch.outer(d_s, d_a) + gamma_in
@@ -530,6 +533,7 @@ class NoisyKFAC(VariationalOptimizer):
             post_states[post] = {"basis_out": q_s, "basis_in": q_a, "std": std}
         if pi_split and has_factors and (new_basis or st.get("inverse_damping") != gamma):
             # S_γ⁻¹ and A_γ⁻¹ as matrices: two matmuls per step instead of four
+            pi = split_pi()
             new["inverse_A"] = (q_a / (d_a + pi * math.sqrt(gamma))) @ q_a.T
             new["inverse_S"] = (q_s / (d_s + math.sqrt(gamma) / pi)) @ q_s.T
             new["inverse_damping"] = gamma
@@ -555,7 +559,8 @@ class NoisyKFAC(VariationalOptimizer):
             dt = self.matmul_dtype
             delta = matmul_chain(q_s, matmul_chain(q_s.T, v, q_a, dtype=dt) / d, q_a.T,
                                  dtype=dt)
-        vg[id(group)] = vg.get(id(group), 0.0) + group["lr"] ** 2 * float((delta * v).sum())
+        if group["kl_clip"] is not None:      # (a device sync: only when it is used)
+            vg[id(group)] = vg.get(id(group), 0.0) + group["lr"] ** 2 * float((delta * v).sum())
         pending.append((layer, group, delta, st))
 
     def _diagonal_step(self, grads, prior_terms, means, states):
