@@ -453,7 +453,6 @@ def test_weight_used_outside_its_module_forward_is_reported():
     assert opt.diagonal_parameters == ["fc.weight", "fc.bias"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("opt_cls", OPTIMIZERS)
 def test_defaults_train_the_readme_cnn_on_mnist(opt_cls, data_dir):
     """The issue's bar: the PyVarInf README CNN (no BatchNorm), the optimizer's defaults with
