@@ -22,6 +22,7 @@ import math
 import numbers
 
 import numpy as np
+import torch
 
 __all__ = ["accuracy", "nll", "expected_calibration_error", "ece", "calibration_bins",
            "brier_score", "rmse", "gaussian_log_likelihood", "ood_auroc", "predictive_entropy",
@@ -29,27 +30,19 @@ __all__ = ["accuracy", "nll", "expected_calibration_error", "ece", "calibration_
 
 
 def _np(x, dtype=np.float64):
-    try:
-        import torch
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu()
-            if x.is_floating_point():     # bfloat16 has no numpy dtype
-                x = x.to(torch.float64)
-            x = x.numpy()
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.is_floating_point():     # bfloat16 has no numpy dtype
+            x = x.to(torch.float64)
+        x = x.numpy()
     return np.asarray(x, dtype=dtype)
 
 
 def _eps(x):
     """Machine epsilon of ``x``'s floating dtype (torch or numpy), float32's otherwise."""
     dtype = getattr(x, "dtype", None)
-    try:
-        import torch
-        if isinstance(dtype, torch.dtype):
-            return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(dtype, torch.dtype):
+        return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
     try:
         return float(np.finfo(dtype).eps)
     except (TypeError, ValueError):
@@ -70,7 +63,7 @@ def _check_probabilities(p, name="probs", eps=0.0):
 
 
 def _labels(labels):
-    if hasattr(labels, "detach"):
+    if isinstance(labels, torch.Tensor):
         t = labels.detach().cpu()
         raw = (t.double() if t.is_floating_point() else t).numpy()
     else:

@@ -82,6 +82,10 @@ class Prior:
             total = total + self.log_prob(theta)
         return -total / self.n_mc_samples - gaussian_entropy(std)
 
+    def neg_log_prob_grad(self, theta, scale=1.0):
+        """``scale · (−∇ log p(θ))``, the prior term of a natural-gradient step."""
+        return self.log_prob_grad(theta) * (-scale)
+
     def log_prob_grad(self, theta):
         """Gradient of :meth:`log_prob` at ``theta`` (used by the natural-gradient optimizers)."""
         with torch.enable_grad():
@@ -175,6 +179,13 @@ class GaussianPrior(Prior):
     def log_prob_grad(self, theta):
         s = self.resolve_std(theta)
         return -(theta - self.mean) / (s * s)
+
+    def neg_log_prob_grad(self, theta, scale=1.0):
+        if type(self).log_prob_grad is not GaussianPrior.log_prob_grad:
+            return super().neg_log_prob_grad(theta, scale)   # a subclass's own gradient
+        s = self.resolve_std(theta)
+        c = scale / (s * s)      # scale (θ − m) / s² in one pass where m = 0
+        return theta * c if self.mean == 0.0 else (theta - self.mean) * c
 
     def precision(self, like):
         s = self.resolve_std(like)

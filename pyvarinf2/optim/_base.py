@@ -183,9 +183,10 @@ class VariationalOptimizer(torch.optim.Optimizer):
         """Per-entry prior precision (exact for Gaussian priors, moment-matched otherwise)."""
         return self.prior_of(p).damping_precision(p.detach())
 
-    def prior_grad(self, p, theta):
-        """``-∇ log p(θ)`` per entry (``precision · (θ - mean)`` for a Gaussian prior)."""
-        return -self.prior_of(p).log_prob_grad(theta.detach())
+    def prior_grad(self, p, theta, scale=1.0):
+        """``scale · (−∇ log p(θ))`` per entry (``scale · precision · (θ − mean)`` for a
+        Gaussian prior)."""
+        return self.prior_of(p).neg_log_prob_grad(theta.detach(), scale)
 
     def mean_field_params(self, group):
         for p in group["params"]:
@@ -200,9 +201,9 @@ class VariationalOptimizer(torch.optim.Optimizer):
         """After the model moved (``var_model.double()``, ``.to('cuda')``) since the last step,
         bring the optimizer's state along: each floating tensor to its parameter's dtype and
         device, the others to its device (torch.optim's rule for ``load_state_dict``)."""
-        sig = [(p.dtype, p.device) for g in self.param_groups for p in g["params"]]
-        previous = self.__dict__.get("_param_signature")
-        self.__dict__["_param_signature"] = sig
+        sig = self._param_signature()
+        previous = self.__dict__.get("_param_sig")
+        self.__dict__["_param_sig"] = sig
         if previous is None or previous == sig:
             return
         for p, st in self.state.items():
@@ -219,8 +220,10 @@ class VariationalOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)    # casts the state to each parameter's dtype
-        self.__dict__["_param_signature"] = [(p.dtype, p.device) for g in self.param_groups
-                                             for p in g["params"]]
+        self.__dict__["_param_sig"] = self._param_signature()
+
+    def _param_signature(self):
+        return [(p.dtype, p.device) for g in self.param_groups for p in g["params"]]
 
     def _take_forward_counts(self):
         """``(sampling forwards, forwards at the means)`` with gradient since the last call."""
@@ -240,12 +243,10 @@ class VariationalOptimizer(torch.optim.Optimizer):
             return
         name = type(self).__name__
         if sampled == 0 and at_mean > 0:
-            raise RuntimeError(
-                f"{name}.step: the forward(s) since the last step ran the model at its "
-                "posterior means (evaluation mode, or var_model.sampling(False)), not at a "
-                "weight sample, which the natural-gradient step needs; nothing was changed. "
-                "Call var_model.train() before the training forward (and use torch.no_grad() "
-                "for evaluation between backward and step).")
+            raise RuntimeError(self._at_means_message(
+                f"{name}.step: the forward(s) since the last step",
+                " before the training forward (and use torch.no_grad() for evaluation between "
+                "backward and step)"))
         if sampled > 1 and getattr(self, "needs_noise", False):
             warnings.warn(
                 f"{name}.step: {sampled} sampling forwards since the last step, each with its "
@@ -265,11 +266,15 @@ class VariationalOptimizer(torch.optim.Optimizer):
                             "the loss (it returned None)")
         sampled, at_mean = self._take_forward_counts()
         if sampled == 0 and at_mean > 0:
-            raise RuntimeError(
-                f"{type(self).__name__}.step(closure): the closure ran the model at its "
-                "posterior means (evaluation mode, or var_model.sampling(False)), not at a "
-                "weight sample; nothing was changed. Call var_model.train() first.")
+            raise RuntimeError(self._at_means_message(
+                f"{type(self).__name__}.step(closure): the closure", " first"))
         return loss
+
+    @staticmethod
+    def _at_means_message(who, when):
+        return (f"{who} ran the model at its posterior means (evaluation mode, or "
+                "var_model.sampling(False)), not at a weight sample, which the natural-gradient "
+                f"step needs; nothing was changed. Call var_model.train(){when}.")
 
     def run_closure(self, closure, accumulate):
         """Call ``closure`` ``mc_samples`` times; after each call ``accumulate(sample_index)``

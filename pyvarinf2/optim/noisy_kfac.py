@@ -73,7 +73,6 @@ from ..kfac import KFACCapture, kfac_factors
 from ..kronecker import (KroneckerPosterior, check_matmul_dtype, matmul_chain,
                          use_kronecker_posteriors)
 from ..posteriors import MeanFieldPosterior
-from ..priors import GaussianPrior
 from ._base import (NonFiniteError, VariationalOptimizer, check_beta, check_betas,
                     check_nonnegative, check_positive, check_positive_int)
 
@@ -342,18 +341,8 @@ class NoisyKFAC(VariationalOptimizer):
             prior_grads = {p: v / m for p, v in prior_grads.items()}
         prior_terms = {p: lam_n[p] * v for p, v in prior_grads.items()}
         for p in at_mean:
-            prior_terms[p] = self._prior_term_at_mean(p, lam_n[p])
+            prior_terms[p] = self.prior_grad(p, p, scale=lam_n[p])
         return loss, grads, prior_terms
-
-    def _prior_term_at_mean(self, p, scale):
-        """``scale · (−∇ log p)`` at the mean; for a N(m, s²) prior ``scale (μ − m) / s²`` in
-        one pass."""
-        prior = self.prior_of(p)
-        if type(prior) is GaussianPrior:     # (a subclass may redefine its gradient)
-            s = prior.resolve_std(p)
-            c = scale / (s * s)
-            return p.detach() * c if prior.mean == 0.0 else (p.detach() - prior.mean) * c
-        return scale * self.prior_grad(p, p)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
